@@ -1,0 +1,18 @@
+"""keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
+
+from keras_nanogpt import callbacks, data, generation
+from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
+from keras_nanogpt.model import CONFIGS, NanoGPT
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIGS",
+    "CausalSelfAttention",
+    "NanoGPT",
+    "TokenAndPositionEmbedding",
+    "TransformerBlock",
+    "callbacks",
+    "data",
+    "generation",
+]

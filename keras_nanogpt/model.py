@@ -1,0 +1,271 @@
+"""NanoGPT: token ids in, next-token logits out; compile defaults, named configurations, save/load, generate."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_nanogpt import _validation
+from keras_nanogpt.layers import ACTIVATIONS, TokenAndPositionEmbedding, TransformerBlock
+
+CONFIGS = {
+    # nanoGPT's shakespeare_char recipe on CPU.
+    "nano": dict(num_layers=4, num_heads=4, hidden_dim=128, sequence_length=64, dropout=0.0),
+    # nanoGPT's shakespeare_char recipe on GPU ("baby GPT").
+    "baby": dict(num_layers=6, num_heads=6, hidden_dim=384, sequence_length=256, dropout=0.2),
+    # GPT-2 small (124M with GPT-2's 50257-token vocabulary).
+    "gpt2": dict(num_layers=12, num_heads=12, hidden_dim=768, sequence_length=1024, dropout=0.0),
+}
+
+
+@keras.saving.register_keras_serializable(package="keras_nanogpt")
+class NanoGPT(keras.Model):
+    """A GPT language model: token + position embedding -> transformer blocks -> LayerNorm -> logits.
+
+    Initialised as nanoGPT does: normal(0.02) everywhere, residual output projections at
+    0.02 / sqrt(2 * num_layers).
+
+    Args:
+        vocabulary_size: number of token ids.
+        sequence_length: the context length (number of learned positions).
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block; must divide `hidden_dim`.
+        hidden_dim: width of the model.
+        dropout: dropout rate in [0, 1).
+        use_bias: biases in projections and LayerNorms (GPT-2: True; nanoGPT's recipe: False).
+        tie_embeddings: reuse the token embedding as the output head.
+        activation: MLP activation: "gelu" (exact), "gelu_approximate" (GPT-2), "relu" or "silu".
+        layer_norm_epsilon: LayerNorm epsilon.
+        vectorizer: optional adapted tokenizer from `kn.data.make_vectorizer`; it is saved in the
+            `.keras` file and lets `generate` take and return text.
+
+    Example:
+        >>> model = NanoGPT(vocabulary_size=65, sequence_length=64, num_layers=2, num_heads=2,
+        ...                 hidden_dim=32)
+        >>> tuple(model(ops.zeros((1, 8), dtype="int32")).shape)
+        (1, 8, 65)
+    """
+
+    def __init__(self, vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim,
+                 dropout=0.0, use_bias=False, tie_embeddings=True, activation="gelu",
+                 layer_norm_epsilon=1e-5, vectorizer=None, **kwargs):
+        vocabulary_size = _validation.check_int("vocabulary_size", vocabulary_size)
+        sequence_length = _validation.check_int("sequence_length", sequence_length)
+        num_layers = _validation.check_int("num_layers", num_layers)
+        num_heads = _validation.check_int("num_heads", num_heads)
+        hidden_dim = _validation.check_int("hidden_dim", hidden_dim)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"`hidden_dim` must be divisible by `num_heads`; got hidden_dim={hidden_dim}, "
+                f"num_heads={num_heads}.")
+        dropout = _validation.check_float("dropout", dropout, 0.0, 1.0)
+        _validation.check_choice("activation", activation, ACTIVATIONS)
+        layer_norm_epsilon = _validation.check_float(
+            "layer_norm_epsilon", layer_norm_epsilon, 0.0, math.inf, low_inclusive=False)
+        vectorizer = _resolve_vectorizer(vectorizer, vocabulary_size)
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.sequence_length = sequence_length
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.dropout = dropout
+        self.use_bias = bool(use_bias)
+        self.tie_embeddings = bool(tie_embeddings)
+        self.activation = activation
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self._vectorizer_holder = _Untracked(vectorizer)
+
+        initializer = keras.initializers.RandomNormal(stddev=0.02)
+        residual_initializer = keras.initializers.RandomNormal(stddev=0.02 / math.sqrt(2 * num_layers))
+        policy = self.dtype_policy
+        self.embedding = TokenAndPositionEmbedding(
+            vocabulary_size, sequence_length, hidden_dim, embeddings_initializer=initializer,
+            dtype=policy, name="embedding")
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.blocks = [
+            TransformerBlock(
+                num_heads, hidden_dim, dropout=dropout, use_bias=self.use_bias, activation=activation,
+                layer_norm_epsilon=layer_norm_epsilon, kernel_initializer=initializer,
+                output_kernel_initializer=residual_initializer, dtype=policy, name=f"block_{i}")
+            for i in range(num_layers)
+        ]
+        self.final_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, center=self.use_bias, dtype=policy, name="final_norm")
+        self.head = None if self.tie_embeddings else keras.layers.Dense(
+            vocabulary_size, use_bias=False, kernel_initializer=initializer, dtype=policy, name="head")
+        self.build((None, sequence_length))
+
+    def build(self, input_shape):
+        hidden_shape = (input_shape[0], input_shape[1], self.hidden_dim)
+        self.embedding.build(input_shape)
+        for block in self.blocks:
+            block.build(hidden_shape)
+        self.final_norm.build(hidden_shape)
+        if self.head is not None:
+            self.head.build(hidden_shape)
+        self.built = True
+
+    @classmethod
+    def from_config_name(cls, name, vocabulary_size, **overrides):
+        """A model of the named size: "nano" (nanoGPT CPU recipe), "baby" (6/6/384) or "gpt2" (12/12/768).
+
+        Args:
+            name: one of `kn.model.CONFIGS`.
+            vocabulary_size: number of token ids.
+            **overrides: any other `NanoGPT` argument, replacing the named value.
+
+        Example:
+            >>> model = NanoGPT.from_config_name("nano", vocabulary_size=65)
+            >>> model.num_layers, model.sequence_length
+            (4, 64)
+        """
+        _validation.check_choice("name", name, CONFIGS)
+        return cls(vocabulary_size=vocabulary_size, **{**CONFIGS[name], **overrides})
+
+    @property
+    def vectorizer(self):
+        """The tokenizer saved with the model (a `TextVectorization` or keras-hub tokenizer), or None."""
+        return self._vectorizer_holder.value
+
+    def call(self, token_ids, training=None):
+        x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self._logits(self.final_norm(x))
+
+    def call_with_cache(self, token_ids, cache, cache_index):
+        """Run `token_ids` at positions `cache_index...` against a KV cache.
+
+        Args:
+            token_ids: `(batch, time)` ids (the whole prompt when prefilling, then one token).
+            cache: `(batch, num_layers, 2, max_length, num_heads, head_dim)` from `empty_cache`.
+            cache_index: position of `token_ids[:, 0]` (a scalar).
+
+        Returns:
+            `(logits, cache)`: logits `(batch, time, vocabulary_size)` and the updated cache.
+        """
+        x = self.embedding(token_ids, start_index=cache_index)
+        layer_caches = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, cache=cache[:, i], cache_index=cache_index)
+            layer_caches.append(layer_cache)
+        return self._logits(self.final_norm(x)), ops.stack(layer_caches, axis=1)
+
+    def empty_cache(self, batch_size, max_length=None):
+        """A zero KV cache `(batch, num_layers, 2, max_length, num_heads, head_dim)`."""
+        shape = (batch_size, self.num_layers, 2, max_length or self.sequence_length, self.num_heads,
+                 self.hidden_dim // self.num_heads)
+        return ops.zeros(shape, dtype=self.compute_dtype)
+
+    def _logits(self, hidden):
+        logits = (self.embedding.project_to_vocabulary(hidden) if self.head is None
+                  else self.head(hidden))
+        return ops.cast(logits, "float32")  # (batch, time, vocabulary_size), float32 under mixed precision
+
+    def compile(self, optimizer=None, loss=None, metrics=None, **kwargs):
+        """Compile with nanoGPT-friendly defaults; every argument the caller passes wins.
+
+        Defaults: `Adam(1e-3)`, `SparseCategoricalCrossentropy(from_logits=True)`, accuracy.
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> model.compile()
+        """
+        super().compile(
+            optimizer=keras.optimizers.Adam(1e-3) if optimizer is None else optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss is None else loss,
+            metrics=["accuracy"] if metrics is None else metrics,
+            **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompile a loaded model from its saved compile config (optimizer state then loads too)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
+
+    def generate(self, prompt, max_new_tokens=100, temperature=1.0, top_k=None, seed=None, **kwargs):
+        """Continue `prompt`: text in, the prompt plus new text out; ids `(batch, time)` in, ids out.
+
+        See `keras_nanogpt.generation.generate` for every option (top_p, stop, samplers, batches).
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> model.generate([[1, 2, 3]], max_new_tokens=5, seed=0).shape
+            (1, 8)
+        """
+        from keras_nanogpt import generation
+
+        return generation.generate(self, prompt, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed, **kwargs)
+
+    def stream(self, prompt, max_new_tokens=100, temperature=1.0, top_k=None, seed=None, **kwargs):
+        """Yield the new text (or ids) piece by piece; `prompt + "".join(pieces) == generate(...)`.
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> len(list(model.stream([[1, 2, 3]], max_new_tokens=4, seed=0)))
+            4
+        """
+        from keras_nanogpt import generation
+
+        return generation.stream(self, prompt, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, seed=seed, **kwargs)
+
+    def get_config(self):
+        from keras_nanogpt import data
+
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+            "vocabulary_size": self.vocabulary_size,
+            "sequence_length": self.sequence_length,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "hidden_dim": self.hidden_dim,
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "tie_embeddings": self.tie_embeddings,
+            "activation": self.activation,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "vectorizer": None,
+        }
+        if self.vectorizer is not None:
+            config["vectorizer"] = data.vectorizer_to_config(self.vectorizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+        return cls(**config)
+
+
+class _Untracked:
+    """Holds the vectorizer out of sight of Keras's layer tracking and `.keras` state walking.
+
+    The vocabulary travels in the model's config instead: a tracked `TextVectorization` sub-layer
+    saves but does not load (its lookup-table asset is not restored).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _resolve_vectorizer(vectorizer, vocabulary_size):
+    """Accept a tokenizer layer, or the dict a saved config holds, and check its size."""
+    if vectorizer is None:
+        return None
+    from keras_nanogpt import data
+
+    if isinstance(vectorizer, dict):
+        vectorizer = data.vectorizer_from_config(vectorizer)
+    size = data.vocabulary_size(vectorizer)
+    if size > vocabulary_size:
+        raise ValueError(
+            f"`vectorizer` has {size} tokens but `vocabulary_size` is {vocabulary_size}; "
+            f"pass vocabulary_size >= {size}.")
+    return vectorizer
