@@ -1,11 +1,12 @@
 """NanoGPT: token ids in, next-token logits out; compile defaults, named configurations, save/load, generate."""
 
 import math
+import os
 
 import keras
 from keras import ops
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _files, _validation
 from keras_nanogpt.layers import ACTIVATIONS, TokenAndPositionEmbedding, TransformerBlock
 
 CONFIGS = {
@@ -210,6 +211,24 @@ class NanoGPT(keras.Model):
 
         return generation.stream(self, prompt, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, **kwargs)
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Save to a `.keras` file atomically: a crash leaves the old file or the new one, never half.
+
+        Example:
+            >>> NanoGPT(65, 64, 2, 2, 32).save("model.keras")  # doctest: +SKIP
+        """
+        if not overwrite and os.path.exists(filepath):
+            raise FileExistsError(f"{os.fspath(filepath)!r} exists; pass overwrite=True to replace it.")
+        with _files.atomic_path(filepath) as tmp:
+            super().save(tmp, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """Save weights to a `.weights.h5` file atomically (used by checkpoint callbacks too)."""
+        if not overwrite and os.path.exists(filepath):
+            raise FileExistsError(f"{os.fspath(filepath)!r} exists; pass overwrite=True to replace it.")
+        with _files.atomic_path(filepath) as tmp:
+            super().save_weights(tmp, **kwargs)
 
     def get_config(self):
         from keras_nanogpt import data
