@@ -2,7 +2,7 @@
 
 from keras_nanogpt import callbacks, data, generation
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
-from keras_nanogpt.model import CONFIGS, NanoGPT
+from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 
 __version__ = "0.1.0"
 
@@ -15,4 +15,5 @@ __all__ = [
     "callbacks",
     "data",
     "generation",
+    "load_model",
 ]

@@ -1,8 +1,39 @@
-"""Callbacks for `fit`: text samples while training."""
+"""Callbacks for `fit`: text samples while training, a guard against a NaN loss."""
+
+import math
 
 import keras
 
 from keras_nanogpt import _validation
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop `fit` with a clear error as soon as the loss is NaN or infinite.
+
+    It raises instead of setting `stop_training`, so no later callback (a checkpoint at the end of
+    the epoch, a backup) writes the broken weights: the last good checkpoint and model stay as they
+    were. `NanoGPT.fit` adds it unless the callbacks already hold one.
+
+    Example:
+        >>> model.fit(dataset, callbacks=[StopOnNonFiniteLoss()])  # doctest: +SKIP
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"The training loss became {float(loss)} at step {self._step}; training stopped and "
+                f"nothing more was saved (earlier checkpoints and model files are untouched). Lower the "
+                f"learning rate, clip gradients (clipnorm=1.0) or check the data.")
 
 
 class TextGenerationCallback(keras.callbacks.Callback):

@@ -179,6 +179,19 @@ class NanoGPT(keras.Model):
             metrics=["accuracy"] if metrics is None else metrics,
             **kwargs)
 
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, plus a guard that stops with a clear error when the loss turns NaN/inf.
+
+        Example:
+            >>> model.fit(train_ds, validation_data=val_ds, epochs=3)  # doctest: +SKIP
+        """
+        from keras_nanogpt.callbacks import StopOnNonFiniteLoss
+
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+            callbacks.append(StopOnNonFiniteLoss())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
     def compile_from_config(self, config):
         """Recompile a loaded model from its saved compile config (optimizer state then loads too)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
@@ -259,6 +272,29 @@ class NanoGPT(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
         return cls(**config)
+
+
+def load_model(filepath, **kwargs):
+    """`keras.models.load_model` with errors that name the file when it is missing, truncated or corrupt.
+
+    Args:
+        filepath: a `.keras` file saved by `NanoGPT.save`.
+        **kwargs: passed to `keras.models.load_model` (`safe_mode` stays on unless you turn it off).
+
+    Example:
+        >>> model = load_model("pride.keras")  # doctest: +SKIP
+    """
+    import zipfile
+
+    path = os.fspath(filepath)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such model file: {path!r}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a readable .keras file (truncated or not a zip archive).")
+    try:
+        return keras.models.load_model(path, **kwargs)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as error:
+        raise ValueError(f"{path!r} could not be loaded as a .keras model (corrupted?): {error}") from error
 
 
 class _Untracked:
