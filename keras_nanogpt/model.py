@@ -187,6 +187,9 @@ class NanoGPT(keras.Model):
         """
         from keras_nanogpt.callbacks import StopOnNonFiniteLoss
 
+        x = args[0] if args else kwargs.get("x")
+        if hasattr(x, "element_spec"):  # a tf.data.Dataset shuffles itself; Keras warns on shuffle=True
+            kwargs.setdefault("shuffle", False)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
             callbacks.append(StopOnNonFiniteLoss())
