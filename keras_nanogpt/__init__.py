@@ -1,6 +1,6 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-from keras_nanogpt import callbacks, data, generation
+from keras_nanogpt import callbacks, data, generation, training
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 
@@ -15,5 +15,6 @@ __all__ = [
     "callbacks",
     "data",
     "generation",
+    "training",
     "load_model",
 ]

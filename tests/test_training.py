@@ -1,0 +1,72 @@
+"""nanoGPT's optimiser recipe: schedule, weight-decay groups, save/load, training."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import keras_nanogpt as kn
+
+
+def test_warmup_then_cosine_to_the_floor():
+    schedule = kn.training.nanogpt_optimizer(2000, learning_rate=1e-3, min_learning_rate=1e-4,
+                                             warmup_steps=100)._learning_rate
+    lr = [float(to_numpy(schedule(step))) for step in (0, 50, 100, 1050, 2000, 5000)]
+    np.testing.assert_allclose(lr, [0.0, 5e-4, 1e-3, 5.5e-4, 1e-4, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+def test_weight_decay_only_on_matrices():
+    model = kn.NanoGPT(20, 8, 1, 2, 8, use_bias=True)
+    optimizer = kn.training.nanogpt_optimizer(10, warmup_steps=1)
+    decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
+    kept = {v.path for v in model.trainable_variables} - decayed
+    assert all(len(v.shape) == 2 for v in model.trainable_variables if v.path in decayed)
+    assert any("token_embedding" in p for p in decayed) and any("qkv/kernel" in p for p in decayed)
+    assert any("bias" in p for p in kept) and any("gamma" in p for p in kept)
+    assert all(len(v.shape) == 1 for v in model.trainable_variables if v.path in kept)
+
+
+def test_decay_shrinks_matrices_but_not_layer_norms():
+    model = kn.NanoGPT(20, 8, 1, 2, 8)
+    model.compile(optimizer=kn.training.nanogpt_optimizer(
+        10, learning_rate=0.5, min_learning_rate=0.5, warmup_steps=0, weight_decay=1.0))
+    kernel = model.blocks[0].mlp_dense.kernel
+    gamma = model.blocks[0].mlp_norm.gamma
+    before_kernel, before_gamma = to_numpy(kernel).copy(), to_numpy(gamma).copy()
+    zeros = [keras.ops.zeros_like(v) for v in model.trainable_variables]
+    model.optimizer.apply_gradients(zip(zeros, model.trainable_variables))
+    np.testing.assert_allclose(to_numpy(kernel), before_kernel * 0.5, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(gamma), before_gamma)
+
+
+def test_compiled_model_saves_and_resumes(tmp_path, small_text, char_vectorizer):
+    keras.utils.set_random_seed(0)
+    train, val = kn.data.make_datasets(small_text, char_vectorizer, 32, 16, seed=0)
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), 32, 2, 2, 32, vectorizer=char_vectorizer)
+    model.compile(optimizer=kn.training.nanogpt_optimizer(200, learning_rate=3e-3, warmup_steps=10))
+    before = model.evaluate(val, verbose=0)[0]
+    model.fit(train.repeat(), steps_per_epoch=100, epochs=1, verbose=0)
+    after = model.evaluate(val, verbose=0)[0]
+    assert after < before - 1.0
+    model.save(tmp_path / "m.keras")
+    loaded = kn.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.optimizer, kn.training.MatrixDecayAdamW)
+    assert int(to_numpy(loaded.optimizer.iterations)) == 100
+    loaded.fit(train.repeat(), steps_per_epoch=5, epochs=1, verbose=0)
+    assert int(to_numpy(loaded.optimizer.iterations)) == 105
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(total_steps=0), "total_steps"),
+    (dict(warmup_steps=500), "warmup_steps"),
+    (dict(learning_rate=0), "learning_rate"),
+    (dict(min_learning_rate=1.0), "min_learning_rate"),
+    (dict(beta_2=1.0), "beta_2"),
+    (dict(clipnorm=-1), "clipnorm"),
+    (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps"),
+])
+def test_bad_optimizer_arguments(kwargs, argument):
+    arguments = dict(total_steps=100, warmup_steps=10)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        kn.training.nanogpt_optimizer(**arguments)
