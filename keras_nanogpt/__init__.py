@@ -1,6 +1,6 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-from keras_nanogpt import callbacks, data, generation, training
+from keras_nanogpt import callbacks, data, distribute, generation, training
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 
@@ -14,6 +14,7 @@ __all__ = [
     "TransformerBlock",
     "callbacks",
     "data",
+    "distribute",
     "generation",
     "training",
     "load_model",
