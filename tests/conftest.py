@@ -3,12 +3,14 @@
 One pytest process per backend: set KERAS_BACKEND before running pytest.
 """
 
+import atexit
 import os
 import shutil
 import sys
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="keras_home_")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 _SEEDED = os.environ.get("KERAS_HOME")
 os.makedirs(os.path.join(_HOME, "datasets"))
 for _source in (os.path.join(_SEEDED or "", "datasets"),
