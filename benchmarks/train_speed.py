@@ -1,0 +1,156 @@
+"""Training speed at nanoGPT's shakespeare_char CPU config, per backend and precision, printing JSON.
+
+For each backend (a subprocess each) and precision (fp32, bf16) it reports ms/step, tokens/s, MFU
+(nanoGPT's estimate, 6N + 12*layers*time*width FLOPs per token, against the measured fp32 matmul
+peak), peak RSS and the first step's compile time. With `--nanogpt DIR` (a checkout of
+karpathy/nanoGPT; its `model.py` is imported, never copied) each worker also trains nanoGPT at the same
+config in the same process, alternating bursts with ours, and reports the ratio.
+
+    python benchmarks/train_speed.py --nanogpt ../nanoGPT
+    python benchmarks/train_speed.py --backends jax --precisions bf16 --config baby --bursts 2
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--config", default="nano", help="nano, baby or gpt2")
+    parser.add_argument("--sequence-length", type=int, default=None, help="override the config's context")
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=50, help="steps per timed burst")
+    parser.add_argument("--bursts", type=int, default=3, help="timed bursts (alternating with nanoGPT)")
+    parser.add_argument("--steps-per-execution", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
+    parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
+    parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "PRECISION"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(worker(args, *args.worker)))
+        return
+    results = {"config": args.config, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"),
+               "cpus": os.cpu_count(), "peak_fp32_gflops": round(matmul_peak() / 1e9, 1), "runs": []}
+    for backend in args.backends.split(","):
+        for precision in args.precisions.split(","):
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend, precision]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                results["runs"].append({"backend": backend, "precision": precision,
+                                        "error": done.stderr.strip().splitlines()[-1:]})
+            else:
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+                run["mfu"] = round(run["flops_per_second"] / (results["peak_fp32_gflops"] * 1e9), 3)
+                results["runs"].append(run)
+    print(json.dumps(results, indent=2))
+
+
+def matmul_peak(size=1024, repeats=10):
+    """fp32 matrix-multiply FLOP/s of this machine (numpy, all threads)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def worker(args, backend, precision):
+    import keras
+
+    import keras_nanogpt as kn
+
+    if precision == "bf16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    text = kn.data.load_text("tinyshakespeare")
+    vectorizer = kn.data.make_vectorizer(text)
+    overrides = {"sequence_length": args.sequence_length} if args.sequence_length else {}
+    model = kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
+                                        dropout=0.0, **overrides)
+    train, _ = kn.data.make_datasets(text, vectorizer, model.sequence_length, args.batch_size,
+                                     sampling="random", seed=0)
+    train = train.repeat()
+    total_steps = args.steps * (args.bursts + 1)
+    model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps, warmup_steps=10),
+                  steps_per_execution=args.steps_per_execution)
+    start = time.perf_counter()
+    model.fit(train, steps_per_epoch=args.steps_per_execution, epochs=1, verbose=0)
+    compile_seconds = time.perf_counter() - start
+    nanogpt = NanoGPTRunner(args, model, vectorizer.vocabulary_size()) if args.nanogpt else None
+    ours, theirs = [], []
+    for _ in range(args.bursts):
+        start = time.perf_counter()
+        model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0)
+        ours.append((time.perf_counter() - start) / args.steps)
+        if nanogpt:
+            theirs.append(nanogpt.burst(args.steps))
+    step = min(ours)
+    tokens_per_step = args.batch_size * model.sequence_length
+    parameters = model.count_params() - model.embedding.position_embedding.embeddings.shape[0] * model.hidden_dim
+    flops_per_token = 6 * parameters + 12 * model.num_layers * model.sequence_length * model.hidden_dim
+    run = {"backend": backend, "precision": precision, "sequence_length": model.sequence_length,
+           "parameters": model.count_params(), "ms_per_step": round(step * 1000, 2),
+           "tokens_per_second": round(tokens_per_step / step),
+           "flops_per_second": flops_per_token * tokens_per_step / step,
+           "first_step_compile_seconds": round(compile_seconds, 2),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if nanogpt:
+        run["nanogpt_ms_per_step"] = round(min(theirs) * 1000, 2)
+        run["speed_vs_nanogpt"] = round(min(theirs) / step, 3)
+        run["peak_rss_mb_note"] = "includes nanoGPT (torch) in the same process"
+    return run
+
+
+class NanoGPTRunner:
+    """nanoGPT's own model and training step (from `DIR/model.py`) at our model's configuration."""
+
+    def __init__(self, args, model, vocabulary_size):
+        sys.path.insert(0, os.path.abspath(args.nanogpt))
+        import numpy as np
+        import torch
+        from model import GPT, GPTConfig  # nanoGPT's model.py
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        self.torch, self.np = torch, np
+        config = GPTConfig(block_size=model.sequence_length, vocab_size=vocabulary_size,
+                           n_layer=model.num_layers, n_head=model.num_heads, n_embd=model.hidden_dim,
+                           dropout=0.0, bias=False)
+        self.model = GPT(config)
+        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+        self.shape = (args.batch_size, model.sequence_length)
+        self.vocabulary_size = vocabulary_size
+        self.burst(2)
+
+    def burst(self, steps):
+        """Seconds per step over `steps` training steps (forward, backward, clip, AdamW)."""
+        torch = self.torch
+        x = torch.randint(self.vocabulary_size, self.shape)
+        y = torch.randint(self.vocabulary_size, self.shape)
+        start = time.perf_counter()
+        for _ in range(steps):
+            _, loss = self.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return (time.perf_counter() - start) / steps
+
+
+if __name__ == "__main__":
+    main()
