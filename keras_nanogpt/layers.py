@@ -120,11 +120,13 @@ class CausalSelfAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, cache=None, cache_index=None, training=None):
-        """Attend causally; with `cache`, write this step's keys/values at `cache_index`.
+        """Attend causally; with `cache`, write this step's keys/values at `cache_index` first.
 
         Args:
             inputs: `(batch, time, hidden_dim)`.
-            cache: `None`, or `(batch, 2, max_length, num_heads, head_dim)` keys and values so far.
+            cache: `None`, or `(keys, values)` so far: keys `(batch * num_heads, head_dim, max_length)`
+                and values `(batch * num_heads, max_length, head_dim)`, the layouts that XLA updates in
+                place and multiplies without transposing (see `NanoGPT.empty_cache`).
             cache_index: position of `inputs[:, 0]` in the cache (a scalar).
             training: whether dropout is active.
 
@@ -138,20 +140,35 @@ class CausalSelfAttention(keras.layers.Layer):
         if cache is None:
             attended = ops.dot_product_attention(query, key, value, is_causal=True)
         else:
-            start = [0, cache_index, 0, 0]
-            key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
-            value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
-            cache = ops.stack([key, value], axis=1)  # (batch, 2, max_length, heads, head_dim)
-            # Query i sits at cache_index + i and sees keys 0 .. cache_index + i.
-            query_positions = ops.arange(time, dtype="int32") + cache_index
-            key_positions = ops.arange(ops.shape(key)[1], dtype="int32")
-            mask = query_positions[:, None] >= key_positions[None, :]  # (time, max_length)
-            attended = ops.dot_product_attention(
-                query, ops.cast(key, query.dtype), ops.cast(value, query.dtype),
-                mask=mask[None, None])
+            attended, cache = self._attend_with_cache(query, key, value, cache, cache_index)
         attended = ops.reshape(attended, (batch, time, self.hidden_dim))
         outputs = self.output_dropout(self.output_dense(attended), training=training)
         return outputs if cache is None else (outputs, cache)
+
+    def _attend_with_cache(self, query, key, value, cache, cache_index):
+        """Write `key`/`value` into the cache at `cache_index`, then attend over positions 0..its own."""
+        batch, time = ops.shape(query)[0], ops.shape(query)[1]
+
+        def heads_first(x):  # (batch, time, heads, head_dim) -> (batch * heads, time, head_dim)
+            return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, time, self.head_dim))
+
+        key_cache, value_cache = cache
+        key_cache = ops.slice_update(  # (batch * heads, head_dim, max_length)
+            key_cache, [0, 0, cache_index],
+            ops.cast(ops.transpose(heads_first(key), (0, 2, 1)), key_cache.dtype))
+        value_cache = ops.slice_update(  # (batch * heads, max_length, head_dim)
+            value_cache, [0, cache_index, 0], ops.cast(heads_first(value), value_cache.dtype))
+        query = heads_first(query) * ops.cast(1.0 / self.head_dim ** 0.5, query.dtype)
+        scores = ops.matmul(query, ops.cast(key_cache, query.dtype))  # (batch * heads, time, max_length)
+        # Query i sits at cache_index + i and sees keys 0 .. cache_index + i.
+        query_positions = ops.arange(time, dtype="int32") + cache_index
+        key_positions = ops.arange(ops.shape(key_cache)[-1], dtype="int32")
+        visible = query_positions[:, None] >= key_positions[None, :]  # (time, max_length)
+        scores = ops.where(visible[None], ops.cast(scores, "float32"), float("-inf"))
+        weights = ops.cast(ops.softmax(scores, axis=-1), query.dtype)
+        attended = ops.matmul(weights, ops.cast(value_cache, query.dtype))  # (batch * heads, time, head_dim)
+        attended = ops.reshape(attended, (batch, self.num_heads, time, self.head_dim))
+        return ops.transpose(attended, (0, 2, 1, 3)), (key_cache, value_cache)
 
     def compute_output_shape(self, input_shape):
         return input_shape

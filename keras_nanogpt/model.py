@@ -136,28 +136,35 @@ class NanoGPT(keras.Model):
         return self._logits(self.final_norm(x))
 
     def call_with_cache(self, token_ids, cache, cache_index):
-        """Run `token_ids` at positions `cache_index...` against a KV cache.
+        """Run `token_ids` at positions `cache_index...` against a KV cache (no dropout).
 
         Args:
             token_ids: `(batch, time)` ids (the whole prompt when prefilling, then one token).
-            cache: `(batch, num_layers, 2, max_length, num_heads, head_dim)` from `empty_cache`.
+            cache: one `(keys, values)` pair per block, from `empty_cache`.
             cache_index: position of `token_ids[:, 0]` (a scalar).
 
         Returns:
-            `(logits, cache)`: logits `(batch, time, vocabulary_size)` and the updated cache.
+            `(logits, hidden_states, cache)`, as keras-hub's `CausalLM.call_with_cache`: logits
+            `(batch, time, vocabulary_size)`, final hidden states `(batch, time, hidden_dim)` and
+            the updated cache.
         """
         x = self.embedding(token_ids, start_index=cache_index)
         layer_caches = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cache=cache[:, i], cache_index=cache_index)
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, training=False)
             layer_caches.append(layer_cache)
-        return self._logits(self.final_norm(x)), ops.stack(layer_caches, axis=1)
+        hidden_states = self.final_norm(x)
+        return self._logits(hidden_states), hidden_states, tuple(layer_caches)
 
     def empty_cache(self, batch_size, max_length=None):
-        """A zero KV cache `(batch, num_layers, 2, max_length, num_heads, head_dim)`."""
-        shape = (batch_size, self.num_layers, 2, max_length or self.sequence_length, self.num_heads,
-                 self.hidden_dim // self.num_heads)
-        return ops.zeros(shape, dtype=self.compute_dtype)
+        """A zero KV cache: per block, keys `(batch * heads, head_dim, max_length)` and values
+        `(batch * heads, max_length, head_dim)` (see `CausalSelfAttention.call`)."""
+        max_length = max_length or self.sequence_length
+        head_dim = self.hidden_dim // self.num_heads
+        rows = batch_size * self.num_heads
+        return tuple((ops.zeros((rows, head_dim, max_length), dtype=self.compute_dtype),
+                      ops.zeros((rows, max_length, head_dim), dtype=self.compute_dtype))
+                     for _ in self.blocks)
 
     def _logits(self, hidden):
         logits = (self.embedding.project_to_vocabulary(hidden) if self.head is None

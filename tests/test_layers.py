@@ -35,7 +35,7 @@ def test_cached_attention_matches_full_attention():
     attention = kn.CausalSelfAttention(num_heads=2, hidden_dim=16)
     x = np.random.default_rng(2).normal(size=(2, 6, 16)).astype("float32")
     full = to_numpy(attention(x))
-    cache = keras.ops.zeros((2, 2, 8, 2, 8))
+    cache = (keras.ops.zeros((2 * 2, 8, 8)), keras.ops.zeros((2 * 2, 8, 8)))  # keys, values: 2 rows x 2 heads
     prefix, cache = attention(x[:, :4], cache=cache, cache_index=0)
     step, cache = attention(x[:, 4:5], cache=cache, cache_index=4)
     np.testing.assert_allclose(to_numpy(prefix), full[:, :4], atol=1e-5)

@@ -1,0 +1,176 @@
+"""Generation: cached decoding equals a full recompute, samplers, seeds, stops, batches, streaming."""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import keras_nanogpt as kn
+
+CONTEXT = 16
+
+
+def make_sharp_model(char_vectorizer):
+    """A small char model with large random weights, so greedy choices are never near-ties."""
+    keras.utils.set_random_seed(1)
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer)
+    rng = np.random.default_rng(1)
+    for variable in model.weights:
+        if len(variable.shape) == 2:
+            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharp_model(char_vectorizer):
+    """Shared by the tests that do not train it, so its compiled generation functions are reused."""
+    return make_sharp_model(char_vectorizer)
+
+
+@pytest.fixture()
+def trainable_model(char_vectorizer):
+    return make_sharp_model(char_vectorizer)
+
+
+def reference_greedy(model, prompt, steps):
+    """The plain loop: recompute the whole context for each token and take the argmax.
+
+    Past the context it moves the context's start as generation.py documents: the window starts at
+    most `sequence_length` tokens back, and when it would overflow it restarts with the last
+    `sequence_length // 2` tokens.
+    """
+    tokens = list(prompt)
+    start = max(0, len(tokens) - model.sequence_length)
+    for _ in range(steps):
+        if len(tokens) - start > model.sequence_length:
+            start = len(tokens) - model.sequence_length // 2
+        logits = to_numpy(model(np.array([tokens[start:]], "int32")))
+        tokens.append(int(np.argmax(logits[0, -1])))
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_length, steps", [(3, 10), (3, 3 * CONTEXT), (CONTEXT + 5, 20)])
+def test_greedy_cached_decoding_equals_full_recompute(sharp_model, prompt_length, steps):
+    prompt = list(np.random.default_rng(prompt_length).integers(1, sharp_model.vocabulary_size, prompt_length))
+    generated = sharp_model.generate([prompt], max_new_tokens=steps, temperature=0)
+    assert generated.shape == (1, prompt_length + steps)
+    assert generated[0].tolist() == reference_greedy(sharp_model, prompt, steps)
+
+
+def test_prompts_of_different_lengths_share_a_batch(sharp_model):
+    prompts = ["It is a truth universally", "Mr. B", "she said"]
+    together = sharp_model.generate(prompts, max_new_tokens=12, temperature=0)
+    assert together == [sharp_model.generate(p, max_new_tokens=12, temperature=0) for p in prompts]
+
+
+def test_stream_joins_to_generate(sharp_model):
+    arguments = dict(max_new_tokens=25, temperature=0.9, top_p=0.9, seed=7)
+    pieces = list(sharp_model.stream("It is a", **arguments))
+    assert len(pieces) > 1
+    assert "It is a" + "".join(pieces) == sharp_model.generate("It is a", **arguments)
+    batch = list(sharp_model.stream(["It is", "He"], **arguments))
+    joined = ["It is" + "".join(p[0] for p in batch), "He" + "".join(p[1] for p in batch)]
+    assert joined == sharp_model.generate(["It is", "He"], **arguments)
+
+
+def test_seed_repeats_and_samplers_reduce_to_greedy(sharp_model):
+    first = sharp_model.generate("It is", max_new_tokens=30, seed=3)
+    assert first == sharp_model.generate("It is", max_new_tokens=30, seed=3)
+    assert first != sharp_model.generate("It is", max_new_tokens=30, seed=4)
+    greedy = sharp_model.generate("It is", max_new_tokens=30, temperature=0)
+    assert sharp_model.generate("It is", max_new_tokens=30, top_k=1, seed=5) == greedy
+    assert sharp_model.generate("It is", max_new_tokens=30, top_p=1e-6, seed=5) == greedy
+    assert sharp_model.generate("It is", max_new_tokens=30, sampler="greedy") == greedy
+
+
+def test_top_k_restricts_to_the_k_most_likely(sharp_model):
+    prompt = [[5, 9, 11]]
+    logits = to_numpy(sharp_model(np.array(prompt, "int32")))[0, -1]
+    allowed = set(np.argsort(logits)[-3:].tolist())
+    for seed in range(8):
+        token = sharp_model.generate(prompt, max_new_tokens=1, top_k=3, seed=seed)[0, -1]
+        assert int(token) in allowed
+
+
+def test_stop_strings_end_the_text(sharp_model):
+    free = sharp_model.generate("It is", max_new_tokens=40, temperature=0)
+    new = free[len("It is"):]
+    stop = new[10:12]
+    stopped = sharp_model.generate("It is", max_new_tokens=40, temperature=0, stop=["\x00never", stop])
+    assert stopped == "It is" + new[:new.index(stop)]
+    free_ids = sharp_model.generate([[5, 6]], max_new_tokens=20, temperature=0)[0, 2:].tolist()
+    stop_id = free_ids[6]
+    stopped_ids = sharp_model.generate([[5, 6]], max_new_tokens=20, temperature=0, stop=stop_id)
+    assert stopped_ids[0].tolist() == [5, 6] + free_ids[:free_ids.index(stop_id)]
+
+
+@pytest.mark.parametrize("sampler", ["beam", keras_hub.samplers.BeamSampler(num_beams=2),
+                                     "contrastive", "top_k", "random"])
+def test_keras_hub_samplers(sharp_model, sampler):
+    text = sharp_model.generate(["It is", "Mr. Darcy"], max_new_tokens=6, sampler=sampler)
+    assert text[0].startswith("It is") and text[1].startswith("Mr. Darcy")
+    assert [len(t) for t in text] == [len("It is") + 6, len("Mr. Darcy") + 6]
+
+
+def test_compiled_once_across_prompts_seeds_and_training(trainable_model, small_text, char_vectorizer):
+    sharp_model = trainable_model
+    sharp_model.generate("It is", max_new_tokens=8, seed=0)
+    traces = sharp_model._kn_generation.traces
+    sharp_model.generate("Mr. Darcy", max_new_tokens=8, seed=1)
+    sharp_model.compile()
+    train, _ = kn.data.make_datasets(small_text, char_vectorizer, CONTEXT, 8, seed=0)
+    before = sharp_model.generate("It is", max_new_tokens=8, temperature=0)
+    sharp_model.fit(train.take(3), verbose=0)
+    after = sharp_model.generate("It is", max_new_tokens=8, temperature=0)
+    sharp_model.generate("She", max_new_tokens=8, seed=2)
+    assert sharp_model._kn_generation.traces - traces <= 1  # at most the greedy sampler's loop
+    assert after == reference_text(sharp_model, "It is", 8)  # the new weights are used
+    assert isinstance(before, str)
+
+
+def reference_text(model, prompt, steps):
+    ids = kn.data.encode(model.vectorizer, prompt).tolist()
+    return prompt + kn.data.decode(model.vectorizer, reference_greedy(model, ids, steps)[len(ids):])
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(prompt=[[1, 10_000]]), "prompt"),
+    (dict(prompt=[[-1, 2]]), "prompt"),
+    (dict(sampler="nucleus"), "sampler"),
+    (dict(sampler="beam", top_k=5), "sampler"),
+    (dict(stop=[""]), "stop"),
+    (dict(seed=-3), "seed"),
+])
+def test_bad_arguments_name_the_argument(sharp_model, kwargs, argument):
+    arguments = dict(prompt="It is", max_new_tokens=5)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        sharp_model.generate(**arguments)
+
+
+def test_text_prompt_needs_a_vectorizer():
+    model = kn.NanoGPT(30, 16, 1, 2, 16)
+    with pytest.raises(ValueError, match="vectorizer"):
+        model.generate("hello", max_new_tokens=3)
+
+
+def test_generation_callback_prints_and_logs_samples(tmp_path, trainable_model, small_text, char_vectorizer):
+    sharp_model = trainable_model
+    printed = []
+    callback = kn.callbacks.TextGenerationCallback(
+        ["It is", "Mr. Darcy"], max_new_tokens=10, every=2, print_fn=printed.append,
+        log_dir=tmp_path / "logs", temperature=0.8, top_p=0.95, seed=0)
+    sharp_model.compile()
+    train, _ = kn.data.make_datasets(small_text, char_vectorizer, CONTEXT, 8, seed=0)
+    sharp_model.fit(train.take(2), epochs=4, verbose=0, callbacks=[callback])
+    assert len(callback.samples) == 2 and len(printed) == 2
+    assert all(s[0].startswith("It is") and s[1].startswith("Mr. Darcy") for s in callback.samples)
+    assert "Mr. Darcy" in printed[-1]
+    events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert events and sum(e.stat().st_size for e in events) > 0
