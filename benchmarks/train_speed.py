@@ -101,8 +101,7 @@ def worker(args, backend, precision):
             theirs.append(nanogpt.burst(args.steps))
     step = min(ours)
     tokens_per_step = args.batch_size * model.sequence_length
-    parameters = model.count_params() - model.embedding.position_embedding.embeddings.shape[0] * model.hidden_dim
-    flops_per_token = 6 * parameters + 12 * model.num_layers * model.sequence_length * model.hidden_dim
+    flops_per_token = kn.callbacks.flops_per_token(model)
     run = {"backend": backend, "precision": precision, "sequence_length": model.sequence_length,
            "parameters": model.count_params(), "ms_per_step": round(step * 1000, 2),
            "tokens_per_second": round(tokens_per_step / step),

@@ -1,0 +1,277 @@
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench.
+
+    keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
+    keras-nanogpt generate pride.keras --prompt "It is a truth" --max-new-tokens 200 --top-k 40
+    keras-nanogpt evaluate pride.keras --text pride_and_prejudice
+    keras-nanogpt export pride.keras serving/
+    keras-nanogpt bench --backends tensorflow --precisions fp32
+
+Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser():
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="keras-nanogpt", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model on a text and save it")
+    train.add_argument("--text", required=True, help="corpus name (pride_and_prejudice, tinyshakespeare) or path")
+    train.add_argument("--level", default="char")
+    train.add_argument("--config", default="nano", help="named size: nano, baby or gpt2")
+    train.add_argument("--layers", type=int)
+    train.add_argument("--heads", type=int)
+    train.add_argument("--hidden-dim", type=int)
+    train.add_argument("--sequence-length", type=int)
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--batch-size", type=int, default=32)
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps in all (rounded up to --checkpoint-every)")
+    length.add_argument("--epochs", type=int, help="passes over the training windows")
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--recipe", default="nanogpt", choices=("adam", "nanogpt"),
+                       help="adam: plain Adam; nanogpt: AdamW, warmup + cosine, clipping")
+    train.add_argument("--validation-split", type=float, default=0.1)
+    train.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16")
+    train.add_argument("--strategy", default="none",
+                       help="none, mirrored, tpu, data-parallel, model-parallel or multi-host")
+    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--out", required=True, help="the .keras file to write when training completes")
+    train.add_argument("--checkpoint-dir", help="back up here and resume from it after a crash")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between backups / reports")
+    train.add_argument("--tensorboard", help="log directory for TensorBoard scalars and samples")
+    train.add_argument("--plot", help="PNG of train and validation loss")
+    train.add_argument("--prompt", help="print a sample from this prompt after every report")
+    train.add_argument("--peak-flops", type=float, help="hardware peak FLOP/s, for MFU")
+    train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+
+    generate = commands.add_parser("generate", help="continue a prompt with a saved model")
+    generate.add_argument("model")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    generate.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                          help="print tokens as they come (default: when writing to a terminal)")
+
+    evaluate = commands.add_parser("evaluate", help="validation loss, perplexity and accuracy")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--text", required=True)
+    evaluate.add_argument("--validation-split", type=float, default=0.1)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+
+    export = commands.add_parser("export", help="write a serving artefact (Keras model.export)")
+    export.add_argument("model")
+    export.add_argument("directory")
+    export.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model",))
+
+    commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py)", add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        if argv[:1] == ["bench"]:
+            return bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export}[args.command](args)
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def train(args):
+    import keras
+
+    import keras_nanogpt as kn
+
+    _check_train_arguments(args)
+    if args.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(args.seed)
+    text = kn.data.load_text(args.text)
+    vectorizer = kn.data.make_vectorizer(text, level=args.level)
+    overrides = {key: value for key, value in (
+        ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
+        ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
+    every = args.checkpoint_every
+    with kn.distribute.scope(args.strategy):
+        model = kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
+                                            vectorizer=vectorizer, **overrides)
+        train_ds, val_ds = kn.data.make_datasets(
+            text, vectorizer, model.sequence_length, args.batch_size, validation_split=args.validation_split,
+            sampling="random", seed=args.seed)
+        if args.epochs is not None:
+            steps_per_epoch = int(train_ds.cardinality())
+            total_steps = args.epochs * steps_per_epoch
+        else:
+            steps_per_epoch = every
+            total_steps = math.ceil(args.steps / every) * every
+        optimizer = (kn.training.nanogpt_optimizer(total_steps, learning_rate=args.learning_rate,
+                                                   min_learning_rate=args.learning_rate / 10,
+                                                   warmup_steps=min(100, total_steps // 10))
+                     if args.recipe == "nanogpt" else keras.optimizers.Adam(args.learning_rate))
+        model.compile(optimizer=optimizer)
+    callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
+    if args.checkpoint_dir:
+        # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
+        callbacks.append(keras.callbacks.BackupAndRestore(args.checkpoint_dir, save_freq="epoch",
+                                                          double_checkpoint=True))
+        resumed = _backed_up_epochs(args.checkpoint_dir)
+        if resumed:
+            print(f"resuming from step {resumed * steps_per_epoch}", flush=True)
+    if args.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
+    if args.prompt or args.tensorboard:
+        callbacks.append(kn.callbacks.TextGenerationCallback(
+            args.prompt or text[:20], max_new_tokens=200, log_dir=args.tensorboard, temperature=0.8,
+            top_k=40, seed=args.seed))
+    if args.plot:
+        callbacks.append(kn.callbacks.LossPlotCallback(args.plot))
+    model.fit(train_ds.repeat() if args.epochs is None else train_ds,
+              steps_per_epoch=steps_per_epoch, epochs=total_steps // steps_per_epoch,
+              validation_data=val_ds, callbacks=callbacks, verbose=args.verbose)
+    model.save(args.out)
+    print(f"saved {args.out} after {total_steps} steps", flush=True)
+    return 0
+
+
+def _check_train_arguments(args):
+    """Every `train` option that can be checked before reading the text or building the model."""
+    import keras_nanogpt as kn
+
+    check = kn._validation
+    if args.steps is None and args.epochs is None:
+        args.steps = 2000
+    for name in ("steps", "epochs", "checkpoint_every", "batch_size", "layers", "heads", "hidden_dim",
+                 "sequence_length"):
+        if getattr(args, name) is not None:
+            check.check_int("--" + name.replace("_", "-"), getattr(args, name))
+    check.check_choice("--config", args.config, tuple(kn.CONFIGS))
+    check.check_choice("--level", args.level, kn.data.LEVELS)
+    check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
+    check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
+    check.check_float("--validation-split", args.validation_split, 0.0, 1.0, high_inclusive=False)
+    if args.dropout is not None:
+        check.check_float("--dropout", args.dropout, 0.0, 1.0, high_inclusive=False)
+    if not args.out.endswith(".keras"):
+        raise ValueError(f"`--out` must end in .keras; got {args.out!r}.")
+
+
+def _backed_up_epochs(directory):
+    path = os.path.join(directory, "training_metadata.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("epoch", 0))
+
+
+def generate(args):
+    import keras_nanogpt as kn
+
+    model = kn.load_model(args.model)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    if not stream:
+        print(model.generate(args.prompt, **options))
+        return 0
+    print(args.prompt, end="", flush=True)
+    for piece in model.stream(args.prompt, **options):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def evaluate(args):
+    import keras_nanogpt as kn
+
+    model = kn.load_model(args.model)
+    if model.vectorizer is None:
+        raise ValueError(f"{args.model!r} has no vectorizer, so it cannot read text.")
+    text = kn.data.load_text(args.text)
+    _, val = kn.data.make_datasets(text, model.vectorizer, model.sequence_length, args.batch_size,
+                                   validation_split=args.validation_split)
+    if val is None:
+        raise ValueError("`--validation-split` must be above 0 to evaluate.")
+    if not model.compiled:
+        model.compile()
+    results = model.evaluate(val, verbose=0, return_dict=True)
+    loss = float(results["loss"])
+    print(json.dumps({"validation_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+                      "accuracy": round(float(results.get("accuracy", math.nan)), 4)}))
+    return 0
+
+
+def export(args):
+    import keras
+
+    import keras_nanogpt as kn
+
+    if keras.backend.backend() == "torch":
+        raise ValueError("`--format tf_saved_model` needs the tensorflow or jax backend; run with "
+                         "KERAS_BACKEND=tensorflow (the .keras file loads under any backend).")
+    model = kn.load_model(args.model)
+    target = os.path.abspath(args.directory)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(target))
+    try:
+        model.export(tmp, format=args.format, verbose=False,
+                     input_signature=[keras.InputSpec(shape=(None, None), dtype="int32")])
+        old = None
+        if os.path.exists(target):  # keep the old export until the new one is in place
+            old = tempfile.mkdtemp(prefix=".export-old-", dir=os.path.dirname(target))
+            os.replace(target, os.path.join(old, "previous"))
+        os.replace(tmp, target)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {args.model} to {target} ({args.format}); serve() maps int32 ids (batch, time) to logits")
+    return 0
+
+
+def bench(argv):
+    """Run benchmarks/train_speed.py of this source checkout with `argv`."""
+    import runpy
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "train_speed.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"`bench` runs {script!r}, which needs a source checkout of keras_nanogpt.")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
