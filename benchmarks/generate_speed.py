@@ -1,0 +1,156 @@
+"""Generation speed per backend: cached decoding vs. full recompute vs. keras-hub vs. nanoGPT, printing JSON.
+
+Model: 4 layers, 4 heads, 128 wide, context 256 (random weights; speed does not depend on them); a 16-token
+prompt and 200 new tokens, at batch 1 and 8. For each backend (a subprocess each) it reports the first
+call's time (compile + run), then alternates timed rounds of:
+
+- `cached`: `model.generate` (KV cache, compiled decode loop);
+- `recompute`: the plain loop that runs the whole context for every token (what nanoGPT's sampling does),
+  calling the model eagerly (a compiled forward pass would retrace for every context length);
+- `keras_hub`: `keras_hub.models.GPT2CausalLM.generate` on a `GPT2Backbone` of the same size built from
+  scratch (cached, compiled; it pads to its `max_length`, here 16 + 200);
+- `nanogpt` (with `--nanogpt DIR`, a checkout of karpathy/nanoGPT whose `model.py` is imported, never
+  copied): `GPT.generate` at the same configuration, in torch, same process.
+
+Ratios compare medians measured side by side in the same process.
+
+    python benchmarks/generate_speed.py --nanogpt ../nanoGPT
+    python benchmarks/generate_speed.py --backends jax --batch-sizes 1 --rounds 5
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+LAYERS, HEADS, WIDTH, CONTEXT, VOCABULARY = 4, 4, 128, 256, 96
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method, alternating")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
+    parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
+    parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(worker(args, args.worker)))
+        return
+    results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
+               "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": []}
+    for backend in args.backends.split(","):
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            results["runs"].append({"backend": backend, "error": done.stderr.strip().splitlines()[-3:]})
+        else:
+            results["runs"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(json.dumps(results, indent=2))
+
+
+def worker(args, backend):
+    import keras
+    import numpy as np
+
+    import keras_nanogpt as kn
+
+    keras.utils.set_random_seed(0)
+    model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
+    skip = set(filter(None, args.skip.split(",")))
+    run = {"backend": backend, "batches": []}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        prompt = np.random.default_rng(0).integers(1, VOCABULARY, (batch, args.prompt_length)).astype("int32")
+        methods = {"cached": lambda p=prompt: model.generate(p, args.new_tokens, temperature=0)}
+        if "recompute" not in skip:
+            methods["recompute"] = recompute_loop(model, prompt, args.new_tokens)
+        if "keras_hub" not in skip:
+            methods["keras_hub"] = keras_hub_generate(prompt, args.new_tokens)
+        if args.nanogpt and "nanogpt" not in skip:
+            methods["nanogpt"] = nanogpt_generate(args, prompt, args.new_tokens)
+        first = {}
+        for name, method in methods.items():
+            start = time.perf_counter()
+            method()
+            first[name] = time.perf_counter() - start
+        times = {name: [] for name in methods}
+        for _ in range(args.rounds):
+            for name, method in methods.items():
+                start = time.perf_counter()
+                method()
+                times[name].append(time.perf_counter() - start)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        entry = {"batch_size": batch,
+                 "first_call_s": {k: round(v, 3) for k, v in first.items()},
+                 "ms": {k: round(v * 1000, 1) for k, v in median.items()},
+                 "tokens_per_s": {k: round(batch * args.new_tokens / v, 1) for k, v in median.items()}}
+        entry["speedup_of_cached"] = {k: round(v / median["cached"], 2) for k, v in median.items() if k != "cached"}
+        run["batches"].append(entry)
+    return run
+
+
+def recompute_loop(model, prompt, new_tokens):
+    """Greedy decoding that runs the whole (cropped) context through the model for each token."""
+    import keras
+    import numpy as np
+
+    def run():
+        tokens = prompt
+        for _ in range(new_tokens):
+            context = tokens[:, -model.sequence_length:]
+            logits = model(context, training=False)
+            nxt = np.argmax(np.asarray(keras.ops.convert_to_numpy(logits))[:, -1], axis=-1)
+            tokens = np.concatenate([tokens, nxt[:, None].astype("int32")], axis=1)
+        return tokens
+
+    return run
+
+
+def keras_hub_generate(prompt, new_tokens):
+    import keras_hub
+    import numpy as np
+
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCABULARY, num_layers=LAYERS, num_heads=HEADS,
+                                             hidden_dim=WIDTH, intermediate_dim=4 * WIDTH,
+                                             max_sequence_length=CONTEXT)
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    causal_lm.compile(sampler="greedy")
+    length = prompt.shape[1] + new_tokens
+    padded = {"token_ids": np.pad(prompt, ((0, 0), (0, new_tokens))),
+              "padding_mask": np.arange(length)[None, :].repeat(prompt.shape[0], 0) < prompt.shape[1]}
+    return lambda: causal_lm.generate(padded, stop_token_ids=None)
+
+
+def nanogpt_generate(args, prompt, new_tokens):
+    sys.path.insert(0, os.path.abspath(args.nanogpt))
+    import torch
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCABULARY, n_layer=LAYERS, n_head=HEADS,
+                          n_embd=WIDTH, dropout=0.0, bias=False)).eval()
+    ids = torch.from_numpy(prompt.astype("int64"))
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, new_tokens, temperature=1.0, top_k=1)
+
+    return run
+
+
+if __name__ == "__main__":
+    main()
