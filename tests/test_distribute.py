@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import pytest
 from conftest import BACKEND
 
@@ -96,9 +97,10 @@ def test_jax_distribution_equals_one_device(strategy):
         assert "model" in report["qkv_sharding"]
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="keras.distribution (devices, meshes) has no torch backend")
 def test_layout_map_covers_every_large_kernel():
-    mesh = kn.distribute.keras.distribution.DeviceMesh((1, 1), ("batch", "model"),
-                                                        kn.distribute.keras.distribution.list_devices()[:1])
+    devices = keras.distribution.list_devices()[:1]
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), devices)
     layouts = kn.distribute.layout_map(mesh)
     model = kn.NanoGPT(50, 16, 2, 2, 16, tie_embeddings=False)
     sharded = [v.path for v in model.weights if layouts[v.path] is not None]
