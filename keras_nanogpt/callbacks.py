@@ -119,20 +119,21 @@ class ThroughputCallback(keras.callbacks.Callback):
         if peak_flops is not None:
             peak_flops = _validation.check_float("peak_flops", peak_flops, 0.0, math.inf, low_inclusive=False)
         self.peak_flops = peak_flops
-        self._epoch_start = self._last_time = None
-        self._steps = 0
+        self._epoch_start = None
+        self._steps = 0  # steps run this epoch
+        self._flops_per_token = None
+
+    def on_train_begin(self, logs=None):
+        self._flops_per_token = flops_per_token(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._last_time = time.perf_counter()
+        self._epoch_start = time.perf_counter()
         self._steps = 0
-        self._last_batch = -1
 
     def on_train_batch_end(self, batch, logs=None):
         if logs is None:
             return
-        steps = batch - self._last_batch  # more than one with steps_per_execution
-        self._last_batch = batch
-        self._steps += steps
+        self._steps = batch + 1  # `batch` counts from 0 each epoch, in jumps with steps_per_execution
         self._add(logs, self._steps / (time.perf_counter() - self._epoch_start))
 
     def on_epoch_end(self, epoch, logs=None):
@@ -143,7 +144,7 @@ class ThroughputCallback(keras.callbacks.Callback):
         tokens_per_second = steps_per_second * self.tokens_per_step
         logs["tokens_per_second"] = tokens_per_second
         if self.peak_flops:
-            logs["mfu"] = tokens_per_second * flops_per_token(self.model) / self.peak_flops
+            logs["mfu"] = tokens_per_second * self._flops_per_token / self.peak_flops
 
 
 def flops_per_token(model):

@@ -100,6 +100,7 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
 
 def _pieces(job):
     sent = [0] * job.batch
+    sent_text = [""] * job.batch  # the text of each row's `sent` tokens, so it is decoded once
     for _ in job.run(stream=True):
         ready = [job.ready(row) for row in range(job.batch)]
         if ready == sent:
@@ -107,8 +108,9 @@ def _pieces(job):
         if job.kind == "ids":
             pieces = [np.asarray(ids[old:new], "int32") for ids, old, new in zip(job.new_ids, sent, ready)]
         else:
-            pieces = [job.new_text(row, new)[len(job.new_text(row, old)):]
-                      for row, (old, new) in enumerate(zip(sent, ready))]
+            texts = [job.new_text(row, new) for row, new in enumerate(ready)]
+            pieces = [text[len(old):] for text, old in zip(texts, sent_text)]
+            sent_text = texts
         sent = ready
         yield pieces[0] if job.kind == "text" else pieces
 
