@@ -50,7 +50,8 @@ def main():
         return
     results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
                "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
-               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": []}
+               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+               "load_average_at_start": round(os.getloadavg()[0], 2), "runs": []}
     for backend in args.backends.split(","):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend]
@@ -59,6 +60,7 @@ def main():
             results["runs"].append({"backend": backend, "error": done.stderr.strip().splitlines()[-3:]})
         else:
             results["runs"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
 

@@ -41,6 +41,7 @@ def main():
         print(json.dumps(worker(args, *args.worker)))
         return
     results = {"config": args.config, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"),
+               "load_average_at_start": round(os.getloadavg()[0], 2),
                "cpus": os.cpu_count(), "peak_fp32_gflops": round(matmul_peak() / 1e9, 1), "runs": []}
     for backend in args.backends.split(","):
         for precision in args.precisions.split(","):
@@ -54,6 +55,7 @@ def main():
                 run = json.loads(done.stdout.strip().splitlines()[-1])
                 run["mfu"] = round(run["flops_per_second"] / (results["peak_fp32_gflops"] * 1e9), 3)
                 results["runs"].append(run)
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
 
