@@ -33,7 +33,8 @@ def nanogpt_optimizer(total_steps, learning_rate=1e-3, min_learning_rate=1e-4, w
         weight_decay: decoupled weight decay on 2-D weights only.
         beta_1: Adam's first-moment decay.
         beta_2: Adam's second-moment decay (nanoGPT's small-model recipe: 0.99).
-        clipnorm: clip each gradient to this norm (None: no clipping).
+        clipnorm: clip the global norm of all gradients together to this, as nanoGPT's
+            `clip_grad_norm_` does (None: no clipping).
         gradient_accumulation_steps: apply the update every this many batches (None: every batch).
 
     Returns:
@@ -66,4 +67,4 @@ def nanogpt_optimizer(total_steps, learning_rate=1e-3, min_learning_rate=1e-4, w
         warmup_steps=warmup_steps)
     return MatrixDecayAdamW(
         learning_rate=schedule, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2,
-        epsilon=1e-8, clipnorm=clipnorm, gradient_accumulation_steps=gradient_accumulation_steps)
+        epsilon=1e-8, global_clipnorm=clipnorm, gradient_accumulation_steps=gradient_accumulation_steps)
