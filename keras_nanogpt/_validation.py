@@ -2,6 +2,8 @@
 
 import numbers
 
+import numpy as np
+
 
 def check_int(name, value, minimum=1):
     """Return `value` as an int, or raise naming `name` when it is not an integer >= `minimum`."""
@@ -14,13 +16,13 @@ def check_int(name, value, minimum=1):
 
 def check_float(name, value, low, high, low_inclusive=True, high_inclusive=False):
     """Return `value` as a float, or raise naming `name` when it lies outside the interval."""
+    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number; got {value!r} ({type(value).__name__}).")
+        raise TypeError(f"`{name}` must be a number in {interval}; got {value!r} ({type(value).__name__}).")
     value = float(value)
     above = value >= low if low_inclusive else value > low
     below = value <= high if high_inclusive else value < high
     if not (above and below):
-        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
         raise ValueError(f"`{name}` must be in {interval}; got {value}.")
     return value
 
@@ -30,3 +32,15 @@ def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {value!r}.")
     return value
+
+
+def check_ids(name, ids, size):
+    """Return the integer array `ids`, or raise naming `name` when an id lies outside [0, size).
+
+    Checked on the host because JAX clamps out-of-range ids silently.
+    """
+    bad = ids[(ids < 0) | (ids >= size)]
+    if bad.size:
+        raise ValueError(f"`{name}` must hold token ids in [0, {size}) (the vocabulary); got "
+                         f"{np.unique(bad)[:10].tolist()}.")
+    return ids

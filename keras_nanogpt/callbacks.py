@@ -6,7 +6,7 @@ import time
 
 import keras
 
-from keras_nanogpt import _files, _validation
+from keras_nanogpt import _files, _validation, generation
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,7 +42,9 @@ class TextGenerationCallback(keras.callbacks.Callback):
     """Print (and optionally log to TensorBoard) generated samples every `every` epochs during `fit`.
 
     It calls `model.generate`, whose compiled decode loop is made once and reused at every epoch
-    (the weights are its arguments), so sampling costs no retracing while training goes on.
+    (the weights are its arguments), so sampling costs no retracing while training goes on. Bad
+    generation arguments are refused when the callback is made, a prompt that does not suit the
+    model when training begins: never after an epoch of work.
 
     Args:
         prompt: a string or a list of strings (the model needs a vectorizer), or int ids
@@ -61,14 +63,19 @@ class TextGenerationCallback(keras.callbacks.Callback):
     def __init__(self, prompt, max_new_tokens=100, every=1, print_fn=print, log_dir=None,
                  **generate_kwargs):
         super().__init__()
+        generation.check_arguments(max_new_tokens=max_new_tokens, **generate_kwargs)
         self.prompt = prompt
-        self.max_new_tokens = _validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
+        self.max_new_tokens = max_new_tokens
         self.every = _validation.check_int("every", every)
         self.print_fn = print_fn
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.generate_kwargs = generate_kwargs
         self.samples = []
         self._writer = None
+
+    def on_train_begin(self, logs=None):
+        # Checks the prompt and stop sequences against the model (no tokens are made).
+        self.model.generate(self.prompt, max_new_tokens=0, **self.generate_kwargs)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
@@ -177,6 +184,10 @@ class LossPlotCallback(keras.callbacks.Callback):
             import matplotlib  # noqa: F401
         except ImportError:
             raise ImportError("LossPlotCallback needs matplotlib: pip install keras_nanogpt[plot]") from None
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`path` must be the path of a PNG file to write; got {path!r}.")
+        if os.path.isdir(path):
+            raise ValueError(f"`path` must be the path of a PNG file to write; got the folder {path!r}.")
         self.path = os.fspath(path)
         self.history = {"loss": [], "val_loss": []}
 

@@ -4,6 +4,7 @@ TensorFlow is used here (tf.data and `TextVectorization` run as input pipelines 
 """
 
 import base64
+import codecs
 import io
 import json
 import os
@@ -65,6 +66,16 @@ def load_text(name_or_path, encoding="utf-8", errors="strict"):
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"`name_or_path` must be a corpus name {tuple(KNOWN_TEXTS)} or a file path; "
                         f"got {name_or_path!r}.")
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise ValueError(f"`encoding` must be a codec name such as 'utf-8' or 'latin-1'; "
+                         f"got {encoding!r}.") from None
+    try:
+        codecs.lookup_error(errors)
+    except (LookupError, TypeError):
+        raise ValueError(f"`errors` must be 'strict', 'replace', 'ignore' or another codecs error "
+                         f"handler; got {errors!r}.") from None
     if str(name_or_path) in KNOWN_TEXTS:
         path = _download(str(name_or_path))
     else:
@@ -80,11 +91,9 @@ def load_text(name_or_path, encoding="utf-8", errors="strict"):
         raise ValueError(
             f"{path!r} is not valid {encoding}: byte {error.start} ({raw[error.start:error.start + 1]!r}) "
             f"cannot be decoded. Pass `encoding=` (e.g. 'latin-1') or `errors='replace'`.") from None
-    except LookupError:
-        raise ValueError(f"`encoding` {encoding!r} is not a known codec.") from None
     text = clean_text(text)
     if not text.strip():
-        raise ValueError(f"{path!r} holds no text.")
+        raise ValueError(f"{path!r} holds no text (it is empty or only whitespace).")
     return text
 
 
@@ -387,9 +396,7 @@ def decode(vectorizer, ids):
         'cab'
     """
     size = vocabulary_size(vectorizer)
-    ids = np.asarray(ids, dtype="int64").reshape(-1)
-    if np.any((ids < 0) | (ids >= size)):
-        raise ValueError(f"`ids` must lie in [0, {size}); got {ids.min()}..{ids.max()}.")
+    ids = _validation.check_ids("ids", np.asarray(ids, dtype="int64").reshape(-1), size)
     padding, _ = _reserved_ids(vectorizer)
     if padding is not None:
         ids = ids[ids != padding]

@@ -98,6 +98,38 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
     return _pieces(job)
 
 
+def check_arguments(max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, sampler=None,
+                    seed=None, stop=None):
+    """Check the arguments of `generate` that do not depend on the model, raising as `generate` would.
+
+    Lets a caller (a callback, the command line) refuse bad settings before training starts.
+
+    Returns:
+        `(max_new_tokens, temperature, top_k, top_p, seed)`, checked. `stop` is taken (so every keyword
+        of `generate` is) but needs the model's vocabulary: `generate` checks it.
+
+    Example:
+        >>> check_arguments(max_new_tokens=20, top_p=0.9)
+        (20, 1.0, None, 0.9, None)
+    """
+    max_new_tokens = _validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
+    temperature = _validation.check_float("temperature", temperature, 0.0, float("inf"))
+    if top_k is not None:
+        top_k = _validation.check_int("top_k", top_k)
+    if top_p is not None:
+        top_p = _validation.check_float("top_p", top_p, 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+    if seed is not None:
+        seed = _validation.check_int("seed", seed, minimum=0)
+    if sampler is not None:
+        if temperature != 1.0 or top_k is not None or top_p is not None:
+            raise ValueError("Pass either `sampler` or temperature/top_k/top_p, not both; got "
+                             f"sampler={sampler!r}, temperature={temperature}, top_k={top_k}, "
+                             f"top_p={top_p}.")
+        if isinstance(sampler, str):
+            _validation.check_choice("sampler", sampler, SAMPLERS)
+    return max_new_tokens, temperature, top_k, top_p, seed
+
+
 def _pieces(job):
     sent = [0] * job.batch
     sent_text = [""] * job.batch  # the text of each row's `sent` tokens, so it is decoded once
@@ -120,14 +152,8 @@ class _Job:
 
     def __init__(self, model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop):
         self.model = model
-        self.max_new_tokens = _validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
-        temperature = _validation.check_float("temperature", temperature, 0.0, float("inf"))
-        if top_k is not None:
-            top_k = _validation.check_int("top_k", top_k)
-        if top_p is not None:
-            top_p = _validation.check_float("top_p", top_p, 0.0, 1.0, low_inclusive=False,
-                                            high_inclusive=True)
-        self.seed = None if seed is None else _validation.check_int("seed", seed, minimum=0)
+        self.max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
+            max_new_tokens, temperature, top_k, top_p, sampler, seed)
         self.compiled = _compiled(model)
         self.sampler, self.temperature = self.compiled.sampler(sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
@@ -323,9 +349,7 @@ def _prompt_rows(model, prompt):
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"`prompt` must be a string, a list of strings or integer ids of shape "
                          f"(batch, time) with time >= 1; got shape {ids.shape} of {ids.dtype}.")
-    if ids.min() < 0 or ids.max() >= model.vocabulary_size:
-        raise ValueError(f"`prompt` ids must lie in [0, {model.vocabulary_size}); "
-                         f"got {ids.min()}..{ids.max()}.")
+    _validation.check_ids("prompt", ids, model.vocabulary_size)
     return "ids", None, list(ids.astype("int32"))
 
 
@@ -354,8 +378,7 @@ def _stop_sequences(model, stop):
             raise TypeError(f"`stop` items must be strings, token ids or lists of ids; got {item!r}.")
         if not ids:
             raise ValueError(f"`stop` sequence {item!r} holds no tokens.")
-        if min(ids) < 0 or max(ids) >= model.vocabulary_size:
-            raise ValueError(f"`stop` ids must lie in [0, {model.vocabulary_size}); got {item!r}.")
+        _validation.check_ids("stop", np.array(ids), model.vocabulary_size)
         sequences.append(ids)
     return sequences
 
@@ -383,13 +406,8 @@ class _Compiled:
         so its compiled loop is reused) and the temperature the logits are divided by."""
         import keras_hub
 
-        if sampler is not None:
-            if temperature != 1.0 or top_k is not None or top_p is not None:
-                raise ValueError("Pass either `sampler` or temperature/top_k/top_p, not both; got "
-                                 f"sampler={sampler!r}, temperature={temperature}, top_k={top_k}, "
-                                 f"top_p={top_p}.")
+        if sampler is not None:  # a name is checked by `check_arguments` already
             if isinstance(sampler, str):
-                _validation.check_choice("sampler", sampler, SAMPLERS)
                 if sampler not in self.samplers:
                     self.samplers[sampler] = keras_hub.samplers.get(sampler)
                 return self.samplers[sampler], 1.0

@@ -4,6 +4,7 @@ import math
 import os
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_nanogpt import _files, _validation
@@ -189,17 +190,24 @@ class NanoGPT(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus a guard that stops with a clear error when the loss turns NaN/inf.
 
+        Token-id arrays (numpy `x`, `y`) are checked against the vocabulary first.
+
         Example:
             >>> model.fit(train_ds, validation_data=val_ds, epochs=3)  # doctest: +SKIP
         """
         from keras_nanogpt.callbacks import StopOnNonFiniteLoss
 
         x = args[0] if args else kwargs.get("x")
+        y = args[1] if len(args) > 1 else kwargs.get("y")
+        for name, ids in (("x", x), ("y", y)):
+            if isinstance(ids, np.ndarray) and np.issubdtype(ids.dtype, np.integer):
+                _validation.check_ids(name, ids, self.vocabulary_size)
         if hasattr(x, "element_spec"):  # a tf.data.Dataset shuffles itself; Keras warns on shuffle=True
             kwargs.setdefault("shuffle", False)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
-            callbacks.append(StopOnNonFiniteLoss())
+            # First, so that it stops before a checkpoint saving every few steps writes the step.
+            callbacks.insert(0, StopOnNonFiniteLoss())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def compile_from_config(self, config):
@@ -241,15 +249,13 @@ class NanoGPT(keras.Model):
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).save("model.keras")  # doctest: +SKIP
         """
-        if not overwrite and os.path.exists(filepath):
-            raise FileExistsError(f"{os.fspath(filepath)!r} exists; pass overwrite=True to replace it.")
+        _check_target(filepath, ".keras", overwrite)
         with _files.atomic_path(filepath) as tmp:
             super().save(tmp, **kwargs)
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         """Save weights to a `.weights.h5` file atomically (used by checkpoint callbacks too)."""
-        if not overwrite and os.path.exists(filepath):
-            raise FileExistsError(f"{os.fspath(filepath)!r} exists; pass overwrite=True to replace it.")
+        _check_target(filepath, ".weights.h5", overwrite)
         with _files.atomic_path(filepath) as tmp:
             super().save_weights(tmp, **kwargs)
 
@@ -285,7 +291,8 @@ class NanoGPT(keras.Model):
 
 
 def load_model(filepath, **kwargs):
-    """`keras.models.load_model` with errors that name the file when it is missing, truncated or corrupt.
+    """`keras.models.load_model` with errors that name the file when it is missing, truncated, corrupt
+    or refused by `safe_mode` (a lambda, or a class that is not registered).
 
     Args:
         filepath: a `.keras` file saved by `NanoGPT.save`.
@@ -295,7 +302,10 @@ def load_model(filepath, **kwargs):
         >>> model = load_model("pride.keras")  # doctest: +SKIP
     """
     import zipfile
+    import zlib
 
+    if not isinstance(filepath, (str, os.PathLike)):
+        raise TypeError(f"`filepath` must be the path of a .keras file; got {filepath!r}.")
     path = os.fspath(filepath)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such model file: {path!r}.")
@@ -303,8 +313,21 @@ def load_model(filepath, **kwargs):
         raise ValueError(f"{path!r} is not a readable .keras file (truncated or not a zip archive).")
     try:
         return keras.models.load_model(path, **kwargs)
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as error:
-        raise ValueError(f"{path!r} could not be loaded as a .keras model (corrupted?): {error}") from error
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path!r} is corrupted: its zip archive cannot be read ({error}).") from error
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path!r} could not be loaded as a .keras model: {error}") from error
+
+
+def _check_target(filepath, suffix, overwrite):
+    """Refuse a file name Keras would refuse (before the temporary name hides it) or may not replace."""
+    if not isinstance(filepath, (str, os.PathLike)):
+        raise TypeError(f"`filepath` must be a path ending in {suffix!r}; got {filepath!r}.")
+    path = os.fspath(filepath)
+    if not path.endswith(suffix):
+        raise ValueError(f"`filepath` must end in {suffix!r}; got {path!r}.")
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
 
 
 class _Untracked:
