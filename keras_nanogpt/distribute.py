@@ -30,6 +30,10 @@ _BACKENDS = {"mirrored": "tensorflow", "tpu": "tensorflow", "data-parallel": "ja
 def scope(name="none", model_parallel_size=2, job_addresses=None, num_processes=None, process_id=None):
     """A context manager that distributes the models created, compiled and fit inside it.
 
+    "multi-host" starts JAX's distributed runtime when `scope` is called, so call it before any JAX work
+    (`kn.data.make_datasets` included) and fit inside the scope: only there does Keras give each process
+    its own shard of every global tf.data batch.
+
     Args:
         name: one of `STRATEGIES`.
         model_parallel_size: devices along the mesh's model axis for "model-parallel"; must divide the
@@ -71,10 +75,7 @@ def scope(name="none", model_parallel_size=2, job_addresses=None, num_processes=
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver).scope()
     if name == "multi-host":
-        keras.distribution.initialize(
-            job_addresses or os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"),
-            num_processes if num_processes is not None else _env_int("KERAS_DISTRIBUTION_NUM_PROCESSES"),
-            process_id if process_id is not None else _env_int("KERAS_DISTRIBUTION_PROCESS_ID"))
+        _initialize(job_addresses, num_processes, process_id)
     devices = keras.distribution.list_devices()
     if name == "model-parallel":
         model_parallel_size = _validation.check_int("model_parallel_size", model_parallel_size)
@@ -112,6 +113,22 @@ def layout_map(device_mesh, model_axis="model"):
     layouts[r".*mlp_output/kernel"] = (model_axis, None)
     layouts[r".*head/kernel"] = (None, model_axis)
     return layouts
+
+
+def _initialize(job_addresses, num_processes, process_id):
+    try:
+        keras.distribution.initialize(
+            job_addresses or os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"),
+            num_processes if num_processes is not None else _env_int("KERAS_DISTRIBUTION_NUM_PROCESSES"),
+            process_id if process_id is not None else _env_int("KERAS_DISTRIBUTION_PROCESS_ID"))
+    except RuntimeError as error:
+        if "before" not in str(error):
+            raise
+        # JAX refuses once anything (kn.data.make_datasets' encoding included) has started its backend.
+        raise RuntimeError(
+            "`strategy` 'multi-host' must be set up before any JAX work in this process: call "
+            "kn.distribute.scope('multi-host') first, before kn.data.make_datasets or creating a model, "
+            f"and enter it later. ({error})") from error
 
 
 def _env_int(name):

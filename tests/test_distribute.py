@@ -1,17 +1,22 @@
 """Distribution for real on this CPU: several logical devices give the weights one device gives.
 
-TensorFlow: MirroredStrategy over 2 logical CPUs. JAX: DataParallel and ModelParallel (with
-`kn.distribute.layout_map`) over 4 host devices. Each runs in a fresh process, because the device
-count is fixed when the backend starts. PyTorch: no Keras distribution API, a clear error.
+TensorFlow: MirroredStrategy over 2 logical CPUs, and a run killed mid-way resumed by BackupAndRestore.
+JAX: DataParallel and ModelParallel (with `kn.distribute.layout_map`) over 4 host devices, and two
+processes on 127.0.0.1 ("multi-host", gloo collectives). Each runs in fresh processes, because the
+device count is fixed when the backend starts. PyTorch: no Keras distribution API, a clear error.
 """
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
+import numpy as np
 import pytest
 from conftest import BACKEND
 
@@ -95,6 +100,183 @@ def test_jax_distribution_equals_one_device(strategy):
     assert report["sample"].startswith("It is")
     if strategy == "model-parallel":
         assert "model" in report["qkv_sharding"]
+
+
+# One of two "multi-host" processes, configured by KERAS_DISTRIBUTION_* as the README's recipe is. Each
+# process holds only its own rows of every global batch (the others are zeroed, which would change the
+# result if they were trained on): the test passes only if fit shards the input per process.
+MULTI_HOST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, keras, numpy as np
+    import keras_nanogpt as kn
+
+    strategy = kn.distribute.scope("multi-host")  # first: it starts JAX's distributed runtime
+    process, processes = jax.process_index(), jax.process_count()
+    text = kn.data.load_text("pride_and_prejudice")[:8000]
+    vectorizer = kn.data.make_vectorizer(text)
+    train, _ = kn.data.make_datasets(text, vectorizer, 16, 8, validation_split=0.0, shuffle=False)
+    own = np.zeros((8, 1), "int32")
+    own[process * 8 // processes:(process + 1) * 8 // processes] = 1
+    train = train.take(4).map(lambda x, y: (x * own, y * own))
+    start = np.load(sys.argv[1])
+    with strategy:
+        model = kn.NanoGPT(vectorizer.vocabulary_size(), 16, 2, 2, 16, vectorizer=vectorizer)
+        model.set_weights([start[f"arr_{i}"] for i in range(len(start.files))])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        model.fit(train, verbose=0)
+    np.savez(sys.argv[2], *model.get_weights())
+    print("REPORT" + json.dumps({"process": process, "processes": processes,
+                                 "devices": len(keras.distribution.list_devices()),
+                                 "local_devices": jax.local_device_count()}))
+""")
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _weights(path):
+    arrays = np.load(path)
+    return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def _largest_difference(weights, others):
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights, others))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the multi-host path is keras.distribution on JAX")
+def test_two_jax_processes_train_as_one(tmp_path):
+    text = kn.data.load_text("pride_and_prejudice")[:8000]
+    vectorizer = kn.data.make_vectorizer(text)
+    train, _ = kn.data.make_datasets(text, vectorizer, 16, 8, validation_split=0.0, shuffle=False)
+    keras.utils.set_random_seed(0)
+    model = kn.NanoGPT(vectorizer.vocabulary_size(), 16, 2, 2, 16, vectorizer=vectorizer)
+    start = model.get_weights()
+    np.savez(tmp_path / "start.npz", *start)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{_free_port()}",
+               KERAS_DISTRIBUTION_NUM_PROCESSES="2")
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    workers = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as output:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-c", MULTI_HOST_SCRIPT, str(tmp_path / "start.npz"),
+                     str(tmp_path / f"process{i}.npz")],
+                    env=dict(env, KERAS_DISTRIBUTION_PROCESS_ID=str(i)), stdout=output,
+                    stderr=subprocess.STDOUT))
+        # One process, one device, the same 4 global batches, while the two processes train.
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        model.fit(train.take(4), verbose=0)
+        deadline = time.monotonic() + 300  # a process that fails leaves the other waiting: stop both
+        while (any(w.poll() is None for w in workers) and not any(w.poll() for w in workers)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    outputs = [log.read_text() for log in logs]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, f"exit {worker.returncode}: {output[-3000:]}"
+    reports = [json.loads(output.split("REPORT")[-1]) for output in outputs]
+    assert [r["process"] for r in reports] == [0, 1]
+    assert all(r["processes"] == 2 and r["devices"] == 4 and r["local_devices"] == 2 for r in reports)
+    first, second = (_weights(tmp_path / f"process{i}.npz") for i in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))  # the processes agree exactly ...
+    assert _largest_difference(start, model.get_weights()) > 1e-3
+    assert _largest_difference(first, model.get_weights()) <= 1e-4  # ... and trained as one process did
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the multi-host path is keras.distribution on JAX")
+def test_multi_host_after_jax_work_says_to_call_it_first():
+    keras.ops.convert_to_numpy(keras.ops.ones(1))  # JAX's backend is running in this process
+    with pytest.raises(RuntimeError, match="before any JAX work"):
+        kn.distribute.scope("multi-host", job_addresses="127.0.0.1:1", num_processes=2, process_id=0)
+
+
+# "first": trains 4 epochs of 3 steps under MirroredStrategy (the reference), then again from the same
+# weights with BackupAndRestore, and SIGKILLs itself after step 7 (the last backup: step 6).
+# "resume": the same fit again, which restores that backup and finishes.
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import keras, numpy as np
+    import tensorflow as tf
+    import keras_nanogpt as kn
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    mode, backup, reference = sys.argv[1:]
+    text = kn.data.load_text("pride_and_prejudice")[:8000]
+    vectorizer = kn.data.make_vectorizer(text)
+    train, _ = kn.data.make_datasets(text, vectorizer, 16, 8, validation_split=0.0, shuffle=False)
+    train = train.take(3)  # one epoch: the same 3 batches every time
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.begin, self.batches = int(self.model.optimizer.iterations.numpy()), 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
+            if mode == "first" and int(self.model.optimizer.iterations.numpy()) == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def build(weights=None):
+        with kn.distribute.scope("mirrored"):
+            keras.utils.set_random_seed(0)
+            model = kn.NanoGPT(vectorizer.vocabulary_size(), 16, 2, 2, 16, vectorizer=vectorizer)
+            model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        if weights is not None:
+            model.set_weights(weights)
+        return model
+
+    model = build()
+    if mode == "first":
+        start = model.get_weights()
+        model.fit(train, epochs=4, verbose=0)
+        np.savez(reference, *model.get_weights())
+        print("MOVED", max(float(np.max(np.abs(a - b))) for a, b in zip(start, model.get_weights())),
+              flush=True)
+        model = build(start)
+    steps = Steps()
+    model.fit(train, epochs=4, verbose=0,
+              callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq="epoch"), steps])
+    saved = np.load(reference)
+    print("REPORT" + json.dumps({
+        "begin": steps.begin, "batches": steps.batches,
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "replicas": model.distribute_strategy.num_replicas_in_sync,
+        "difference": max(float(np.max(np.abs(saved[f"arr_{i}"] - w)))
+                          for i, w in enumerate(model.get_weights()))}))
+""")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy is TensorFlow's")
+def test_backup_and_restore_resumes_a_killed_mirrored_run(tmp_path):
+    backup, reference = tmp_path / "backup", tmp_path / "reference.npz"
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+
+    def run(mode):
+        return subprocess.run([sys.executable, "-c", RESUME_SCRIPT, mode, str(backup), str(reference)],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    first = run("first")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert float(first.stdout.split("MOVED")[-1]) > 1e-3  # the reference run changed the weights
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2  # backed up at step 6
+
+    resumed = run("resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads(resumed.stdout.split("REPORT")[-1])
+    assert report["replicas"] == 2
+    assert (report["begin"], report["batches"], report["iterations"]) == (6, 6, 12)
+    assert report["difference"] <= 1e-4  # the killed-and-resumed run ends where the uninterrupted one does
+    assert not backup.exists()  # a finished fit removes its backup
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="keras.distribution (devices, meshes) has no torch backend")
