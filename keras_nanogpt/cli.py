@@ -92,6 +92,14 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run one subcommand; return its exit status (2 with one `error: ...` line on bad input).
+
+    Args:
+        argv: the arguments after the program name (default: `sys.argv[1:]`).
+
+    Example:
+        >>> main(["evaluate", "pride.keras", "--text", "pride_and_prejudice"])  # doctest: +SKIP
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
@@ -216,14 +224,13 @@ def generate(args):
 def evaluate(args):
     import keras_nanogpt as kn
 
+    kn._validation.check_float("--validation-split", args.validation_split, 0.0, 1.0, low_inclusive=False)
     model = kn.load_model(args.model)
     if model.vectorizer is None:
         raise ValueError(f"{args.model!r} has no vectorizer, so it cannot read text.")
     text = kn.data.load_text(args.text)
     _, val = kn.data.make_datasets(text, model.vectorizer, model.sequence_length, args.batch_size,
                                    validation_split=args.validation_split)
-    if val is None:
-        raise ValueError("`--validation-split` must be above 0 to evaluate.")
     if not model.compiled:
         model.compile()
     results = model.evaluate(val, verbose=0, return_dict=True)

@@ -1,7 +1,14 @@
-"""The keras-nanogpt console script: train, generate, evaluate, export, resume after SIGKILL, errors."""
+"""The keras-nanogpt console script, run in subprocesses as a user runs it.
+
+A training run is killed with SIGKILL after its first backup; the same command resumes it and writes
+the model, loss plot and TensorBoard logs that generate, evaluate and export then read. Every process
+pays a Keras import, so the error runs start with the module and go on beside the training, and the
+runs that read the model go side by side.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,42 +20,171 @@ from conftest import BACKEND, to_numpy
 import keras_nanogpt as kn
 from keras_nanogpt import cli
 
-TINY = ["--layers", "1", "--heads", "2", "--hidden-dim", "16", "--sequence-length", "16",
-        "--batch-size", "8", "--verbose", "0"]
+# The entry point that `make install` (pip install -e .) writes beside the interpreter.
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
+TINY = ["--layers", "1", "--heads", "2", "--hidden-dim", "16", "--sequence-length", "16", "--batch-size", "8"]
+EVERY, STEPS = 10, 40
+PROMPT = "It is"
+# TensorFlow prints these while it is imported, before absl logging is set up, whatever
+# TF_CPP_MIN_LOG_LEVEL says; `import keras_nanogpt` imports TensorFlow before cli.py runs.
+TF_IMPORT_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine")
+ERRORS = {  # the issue's three kinds of bad input: arguments, the message must hold
+    "missing file": (["train", "--text", "/no/such/corpus.txt", "--out", "x.keras"], "'/no/such/corpus.txt'"),
+    "bad flag value": (["train", "--text", "CORPUS", "--steps", "0", "--out", "x.keras"], "`--steps`"),
+    "unreadable model": (["generate", "GARBAGE", "--prompt", "a"], "garbage.keras"),
+}
+DEBUG = ["--debug", "generate", "/no/such/model.keras", "--prompt", "a"]
 
 
-@pytest.fixture()
-def corpus(tmp_path, small_text):
-    path = tmp_path / "corpus.txt"
-    path.write_text(small_text[:6000], encoding="utf-8")
-    return str(path)
+def _start(*arguments, cwd=None):
+    """Start the console script under this test's backend and KERAS_HOME (conftest's private one)."""
+    assert os.access(SCRIPT, os.X_OK), f"no console script at {SCRIPT}: install the package (make install)"
+    environment = dict(os.environ, KERAS_BACKEND=BACKEND, KERAS_HOME=os.environ["KERAS_HOME"])
+    return subprocess.Popen([SCRIPT, *map(str, arguments)], env=environment, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_train_generate_evaluate(tmp_path, corpus, capsys):
-    out = tmp_path / "m.keras"
-    assert cli.main(["train", "--text", corpus, *TINY, "--steps", "20", "--checkpoint-every", "10",
-                     "--plot", str(tmp_path / "loss.png"), "--out", str(out)]) == 0
-    assert out.is_file()
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model = kn.load_model(out)
-    assert int(to_numpy(model.optimizer.iterations)) == 20 and model.sequence_length == 16
-    capsys.readouterr()
+def _finish(process):
+    """(exit code, stdout, stderr) of a started run."""
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
 
-    assert cli.main(["generate", str(out), "--prompt", "It is", "--max-new-tokens", "15", "--seed", "1",
-                     "--no-stream"]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("It is") and len(text.rstrip("\n")) >= len("It is")
-    assert cli.main(["generate", str(out), "--prompt", "It is", "--max-new-tokens", "15", "--seed", "1",
-                     "--stream"]) == 0
-    assert capsys.readouterr().out == text
 
-    assert cli.main(["evaluate", str(out), "--text", corpus]) == 0
-    report = json.loads(capsys.readouterr().out)
+def _messages(err):
+    """The lines of `err` that are not TensorFlow's import-time noise."""
+    return [line for line in err.splitlines() if line.strip() and not TF_IMPORT_NOISE.match(line)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, small_text):
+    """A folder with `corpus.txt` (6,000 characters) and `garbage.keras` (not a zip archive)."""
+    path = tmp_path_factory.mktemp("cli")
+    (path / "corpus.txt").write_text(small_text[:6000], encoding="utf-8")
+    (path / "garbage.keras").write_bytes(b"not a keras file")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def error_runs(workdir):
+    """The bad-input runs and the `--debug` run, started when the module starts, by name."""
+    names = {"CORPUS": workdir / "corpus.txt", "GARBAGE": workdir / "garbage.keras"}
+    runs = {name: _start(*[names.get(a, a) for a in arguments], cwd=workdir)
+            for name, (arguments, _) in ERRORS.items()}
+    runs["debug"] = _start(*DEBUG, cwd=workdir)
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """Train, SIGKILL after the first backup, resume with the same command, then generate, evaluate, export.
+
+    Returns a dict: `killed` (backup and model present after the kill), `train`, `generate`, `stream`,
+    `evaluate`, `export` ((exit code, stdout, stderr) each) and the paths written.
+    """
+    paths = {name: workdir / name for name in ("m.keras", "ckpt", "loss.png", "logs", "serving")}
+    command = ["train", "--text", workdir / "corpus.txt", *TINY, "--steps", STEPS, "--checkpoint-every", EVERY,
+               "--checkpoint-dir", paths["ckpt"], "--out", paths["m.keras"], "--plot", paths["loss.png"],
+               "--tensorboard", paths["logs"], "--prompt", PROMPT, "--peak-flops", "1e12", "--verbose", "2"]
+    first = _start(*command)
+    metadata = paths["ckpt"] / "training_metadata.json"
+    deadline = time.time() + 400
+    while not metadata.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    result = {"killed": (metadata.exists(), paths["m.keras"].exists()), "train": _finish(_start(*command))}
+
+    paths["serving"].mkdir()
+    (paths["serving"] / "old").write_text("previous export")
+    model = paths["m.keras"]
+    generate = ["generate", model, "--prompt", PROMPT, "--max-new-tokens", "15", "--seed", "1"]
+    runs = {"generate": _start(*generate, "--no-stream"), "stream": _start(*generate, "--stream"),
+            "evaluate": _start("evaluate", model, "--text", workdir / "corpus.txt"),
+            "export": _start("export", model, paths["serving"])}
+    result.update({name: _finish(process) for name, process in runs.items()})
+    return dict(result, **paths)
+
+
+def test_train_resumes_after_sigkill(trained):
+    assert trained["killed"] == (True, False), "no backup before the deadline, or the run was not killed"
+    code, out, err = trained["train"]
+    assert code == 0, err
+    resumed = int(out.split("resuming from step ")[1].split()[0])
+    assert EVERY <= resumed < STEPS and resumed % EVERY == 0
+    assert f"saved {trained['m.keras']} after {STEPS} steps" in out
+    model = kn.load_model(trained["m.keras"])
+    assert int(to_numpy(model.optimizer.iterations)) == STEPS and model.sequence_length == 16
+    assert not (trained["ckpt"] / "training_metadata.json").exists()  # the backup goes when training ends
+    assert _messages(err) == []
+
+
+def test_train_plots_logs_samples_and_throughput(trained):
+    _, out, _ = trained["train"]
+    assert trained["loss.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for folder in ("train", "validation", "samples"):
+        events = os.listdir(trained["logs"] / folder)
+        assert any(name.startswith("events.out.tfevents") for name in events), (folder, events)
+    assert "--- samples after epoch" in out and f"\n{PROMPT}" in out
+    epochs = [line for line in out.splitlines() if "tokens_per_second:" in line]
+    assert epochs, out
+    for line in epochs:  # verbose=2: one line per epoch
+        assert float(re.search(r"tokens_per_second: (\S+)", line)[1]) > 0
+        assert float(re.search(r"mfu: (\S+)", line)[1]) > 0
+
+
+def test_generate_prints_and_streams_the_same_text(trained):
+    code, text, err = trained["generate"]
+    assert code == 0, err
+    assert text.startswith(PROMPT) and len(text.rstrip("\n")) >= len(PROMPT)
+    code, streamed, err = trained["stream"]
+    assert code == 0, err
+    assert streamed == text
+
+
+def test_evaluate_prints_loss_perplexity_and_accuracy(trained):
+    code, out, err = trained["evaluate"]
+    assert code == 0, err
+    report = json.loads(out)
     assert set(report) == {"validation_loss", "perplexity", "accuracy"}
-    assert 0 < report["validation_loss"] < 5 and report["perplexity"] > 1
+    assert 0 < report["validation_loss"] < 5 and report["perplexity"] > 1 and 0 <= report["accuracy"] <= 1
+    assert report["perplexity"] == pytest.approx(2.718281828 ** report["validation_loss"], rel=1e-3)
 
 
-def test_throughput_and_mfu_are_logged(tmp_path, corpus, small_text, char_vectorizer):
+def test_export_writes_a_saved_model(trained):
+    code, out, err = trained["export"]
+    target = trained["serving"]
+    if BACKEND == "torch":  # tf_saved_model needs TensorFlow or JAX: refused before any work
+        assert code == 2 and len(_messages(err)) == 1
+        assert _messages(err)[0].startswith("error:") and "KERAS_BACKEND=tensorflow" in err
+        assert os.listdir(target) == ["old"]
+    else:
+        assert code == 0, err
+        assert (target / "saved_model.pb").is_file() and not (target / "old").exists()
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".export")] == []
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_console_script_bad_input_is_one_line_and_exit_2(error_runs, workdir, name):
+    code, out, err = _finish(error_runs[name])
+    lines = _messages(err)
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error:") and ERRORS[name][1] in lines[0]
+    assert not (workdir / "x.keras").exists()
+
+
+def test_debug_shows_the_traceback(error_runs):
+    code, _, err = _finish(error_runs["debug"])
+    assert code != 0 and "Traceback (most recent call last)" in err
+    assert "FileNotFoundError: No such model file: '/no/such/model.keras'" in err
+
+
+def test_throughput_and_mfu_are_logged(small_text, char_vectorizer):
     model = kn.NanoGPT(char_vectorizer.vocabulary_size(), 16, 1, 2, 16)
     model.compile()
     train, _ = kn.data.make_datasets(small_text, char_vectorizer, 16, 8, seed=0)
@@ -60,46 +196,6 @@ def test_throughput_and_mfu_are_logged(tmp_path, corpus, small_text, char_vector
     assert history.history["mfu"][-1] == pytest.approx(expected)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="tf_saved_model export needs the tensorflow or jax backend")
-def test_export_writes_a_saved_model(tmp_path, tiny_model):
-    tiny_model.save(tmp_path / "m.keras")
-    target = tmp_path / "serving"
-    target.mkdir()
-    (target / "old").write_text("previous export")
-    assert cli.main(["export", str(tmp_path / "m.keras"), str(target)]) == 0
-    assert (target / "saved_model.pb").is_file() and not (target / "old").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
-
-
-def _run(*args, **kwargs):
-    environment = dict(os.environ, KERAS_BACKEND=BACKEND)
-    return subprocess.Popen([sys.executable, "-m", "keras_nanogpt.cli", *args], env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def test_resumes_after_sigkill(tmp_path, corpus):
-    checkpoints = tmp_path / "ckpt"
-    arguments = ["train", "--text", corpus, *TINY, "--checkpoint-every", "5",
-                 "--checkpoint-dir", str(checkpoints), "--out", str(tmp_path / "m.keras")]
-    first = _run(*arguments, "--steps", "100000")
-    metadata = checkpoints / "training_metadata.json"
-    deadline = time.time() + 240
-    while not metadata.exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
-    assert metadata.exists(), "no backup was written before the deadline"
-    assert not (tmp_path / "m.keras").exists()
-
-    second = _run(*arguments, "--steps", "30")
-    out, err = second.communicate(timeout=400)
-    assert second.returncode == 0, err
-    resumed = int(out.split("resuming from step ")[1].split()[0])
-    assert resumed >= 5 and resumed % 5 == 0
-    model = kn.load_model(tmp_path / "m.keras")
-    assert int(to_numpy(model.optimizer.iterations)) == 30
-
-
 @pytest.mark.parametrize("arguments, message", [
     (["train", "--text", "/no/such/corpus.txt", "--out", "x.keras"], "corpus.txt"),
     (["train", "--text", "CORPUS", "--steps", "0", "--out", "x.keras"], "--steps"),
@@ -107,15 +203,17 @@ def test_resumes_after_sigkill(tmp_path, corpus):
     (["train", "--text", "CORPUS", "--level", "syllable", "--out", "x.keras"], "level"),
     (["generate", "/no/such/model.keras", "--prompt", "a"], "model.keras"),
     (["generate", "MODEL", "--prompt", "a", "--top-p", "2"], "top_p"),
+    (["evaluate", "MODEL", "--text", "CORPUS", "--validation-split", "0"], "--validation-split"),
     (["train", "--text", "CORPUS"], "--out"),
     (["fly"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, corpus, tiny_model, capsys, monkeypatch, arguments,
+def test_bad_input_is_one_line_and_exit_2(tmp_path, workdir, tiny_model, capsys, monkeypatch, arguments,
                                          message):
+    """Each kind of bad input, in-process: `main` maps it to one `error:` line and status 2."""
     tiny_model.save(tmp_path / "model.keras")
-    arguments = [{"CORPUS": corpus, "MODEL": str(tmp_path / "model.keras")}.get(a, a) for a in arguments]
+    names = {"CORPUS": str(workdir / "corpus.txt"), "MODEL": str(tmp_path / "model.keras")}
     monkeypatch.chdir(tmp_path)
-    assert cli.main(arguments) == 2
+    assert cli.main([names.get(a, a) for a in arguments]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
