@@ -39,6 +39,7 @@ def main():
     args = parse_args()
     keras.utils.set_random_seed(args.seed)
     start = time.time()
+    strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
     vectorizer = kn.data.make_vectorizer(text, level=args.level)
     train, val = kn.data.make_datasets(text, vectorizer, sequence_length=args.sequence_length,
@@ -47,7 +48,7 @@ def main():
     print(f"{len(text):,} characters, vocabulary of {vectorizer.vocabulary_size()} tokens")
 
     eval_every = min(args.eval_every, args.steps)
-    with kn.distribute.scope(args.strategy):
+    with strategy:  # build, compile and fit inside: each process reads its own shard of every batch
         model = kn.NanoGPT(vocabulary_size=vectorizer.vocabulary_size(),
                            sequence_length=args.sequence_length, num_layers=args.layers,
                            num_heads=args.heads, hidden_dim=args.hidden_dim, dropout=args.dropout,
@@ -55,11 +56,11 @@ def main():
         model.compile(optimizer=kn.training.nanogpt_optimizer(
             total_steps=args.steps, learning_rate=args.learning_rate,
             min_learning_rate=args.learning_rate / 10, warmup_steps=min(100, args.steps // 10)))
-    model.summary()
-    sampler = kn.callbacks.TextGenerationCallback("It is a truth", max_new_tokens=120,
-                                                  temperature=0.8, top_k=40, seed=args.seed)
-    model.fit(train.repeat(), steps_per_epoch=eval_every, epochs=max(1, args.steps // eval_every),
-              validation_data=val, callbacks=[sampler], verbose=2)
+        model.summary()
+        sampler = kn.callbacks.TextGenerationCallback("It is a truth", max_new_tokens=120,
+                                                      temperature=0.8, top_k=40, seed=args.seed)
+        model.fit(train.repeat(), steps_per_epoch=eval_every, epochs=max(1, args.steps // eval_every),
+                  validation_data=val, callbacks=[sampler], verbose=2)
 
     val_loss = model.evaluate(val, verbose=0)[0]
     print(f"\nvalidation loss {val_loss:.3f} after {args.steps} steps, {time.time() - start:.0f} s in all")

@@ -127,13 +127,14 @@ def train(args):
     if args.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
     keras.utils.set_random_seed(args.seed)
+    strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
     vectorizer = kn.data.make_vectorizer(text, level=args.level)
     overrides = {key: value for key, value in (
         ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
         ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
     every = args.checkpoint_every
-    with kn.distribute.scope(args.strategy):
+    with strategy:
         model = kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
                                             vectorizer=vectorizer, **overrides)
         train_ds, val_ds = kn.data.make_datasets(
@@ -150,25 +151,25 @@ def train(args):
                                                    warmup_steps=min(100, total_steps // 10))
                      if args.recipe == "nanogpt" else keras.optimizers.Adam(args.learning_rate))
         model.compile(optimizer=optimizer)
-    callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
-    if args.checkpoint_dir:
-        # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
-        callbacks.append(keras.callbacks.BackupAndRestore(args.checkpoint_dir, save_freq="epoch",
-                                                          double_checkpoint=True))
-        resumed = _backed_up_epochs(args.checkpoint_dir)
-        if resumed:
-            print(f"resuming from step {resumed * steps_per_epoch}", flush=True)
-    if args.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
-    if args.prompt or args.tensorboard:
-        callbacks.append(kn.callbacks.TextGenerationCallback(
-            args.prompt or text[:20], max_new_tokens=200, log_dir=args.tensorboard, temperature=0.8,
-            top_k=40, seed=args.seed))
-    if args.plot:
-        callbacks.append(kn.callbacks.LossPlotCallback(args.plot))
-    model.fit(train_ds.repeat() if args.epochs is None else train_ds,
-              steps_per_epoch=steps_per_epoch, epochs=total_steps // steps_per_epoch,
-              validation_data=val_ds, callbacks=callbacks, verbose=args.verbose)
+        callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
+        if args.checkpoint_dir:
+            # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
+            callbacks.append(keras.callbacks.BackupAndRestore(args.checkpoint_dir, save_freq="epoch",
+                                                              double_checkpoint=True))
+            resumed = _backed_up_epochs(args.checkpoint_dir)
+            if resumed:
+                print(f"resuming from step {resumed * steps_per_epoch}", flush=True)
+        if args.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
+        if args.prompt or args.tensorboard:
+            callbacks.append(kn.callbacks.TextGenerationCallback(
+                args.prompt or text[:20], max_new_tokens=200, log_dir=args.tensorboard, temperature=0.8,
+                top_k=40, seed=args.seed))
+        if args.plot:
+            callbacks.append(kn.callbacks.LossPlotCallback(args.plot))
+        model.fit(train_ds.repeat() if args.epochs is None else train_ds,
+                  steps_per_epoch=steps_per_epoch, epochs=total_steps // steps_per_epoch,
+                  validation_data=val_ds, callbacks=callbacks, verbose=args.verbose)
     model.save(args.out)
     print(f"saved {args.out} after {total_steps} steps", flush=True)
     return 0
