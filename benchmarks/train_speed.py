@@ -8,6 +8,7 @@ config in the same process, alternating bursts with ours, and reports the ratio.
 
     python benchmarks/train_speed.py --nanogpt ../nanoGPT
     python benchmarks/train_speed.py --backends jax --precisions bf16 --config baby --bursts 2
+    python benchmarks/train_speed.py --backends tensorflow --precisions fp32 --jit-compile auto,off
 """
 
 import argparse
@@ -28,10 +29,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50, help="steps per timed burst")
     parser.add_argument("--bursts", type=int, default=3, help="timed bursts (alternating with nanoGPT)")
-    parser.add_argument("--steps-per-execution", type=int, default=10)
+    parser.add_argument("--steps-per-execution", type=int, default=10, help="1 on torch (Keras's limit)")
+    parser.add_argument("--jit-compile", default="auto",
+                        help="comma-separated: auto (the package default), on, off; a run for each")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
     parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
-    parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "PRECISION", "JIT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -45,16 +48,17 @@ def main():
                "cpus": os.cpu_count(), "peak_fp32_gflops": round(matmul_peak() / 1e9, 1), "runs": []}
     for backend in args.backends.split(","):
         for precision in args.precisions.split(","):
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend, precision]
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode:
-                results["runs"].append({"backend": backend, "precision": precision,
-                                        "error": done.stderr.strip().splitlines()[-1:]})
-            else:
-                run = json.loads(done.stdout.strip().splitlines()[-1])
-                run["mfu"] = round(run["flops_per_second"] / (results["peak_fp32_gflops"] * 1e9), 3)
-                results["runs"].append(run)
+            for jit in args.jit_compile.split(","):
+                env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+                command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend, precision, jit]
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    results["runs"].append({"backend": backend, "precision": precision, "jit_compile": jit,
+                                            "error": done.stderr.strip().splitlines()[-1:]})
+                else:
+                    run = json.loads(done.stdout.strip().splitlines()[-1])
+                    run["mfu"] = round(run["flops_per_second"] / (results["peak_fp32_gflops"] * 1e9), 3)
+                    results["runs"].append(run)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
@@ -71,7 +75,7 @@ def matmul_peak(size=1024, repeats=10):
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def worker(args, backend, precision):
+def worker(args, backend, precision, jit):
     import keras
 
     import keras_nanogpt as kn
@@ -89,7 +93,8 @@ def worker(args, backend, precision):
     train = train.repeat()
     total_steps = args.steps * (args.bursts + 1)
     model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps, warmup_steps=10),
-                  steps_per_execution=args.steps_per_execution)
+                  steps_per_execution=1 if backend == "torch" else args.steps_per_execution,
+                  jit_compile={"auto": "auto", "on": True, "off": False}[jit])
     start = time.perf_counter()
     model.fit(train, steps_per_epoch=args.steps_per_execution, epochs=1, verbose=0)
     compile_seconds = time.perf_counter() - start
@@ -104,7 +109,8 @@ def worker(args, backend, precision):
     step = min(ours)
     tokens_per_step = args.batch_size * model.sequence_length
     flops_per_token = kn.callbacks.flops_per_token(model)
-    run = {"backend": backend, "precision": precision, "sequence_length": model.sequence_length,
+    run = {"backend": backend, "precision": precision, "jit_compile": model.jit_compile,
+           "sequence_length": model.sequence_length,
            "parameters": model.count_params(), "ms_per_step": round(step * 1000, 2),
            "tokens_per_second": round(tokens_per_step / step),
            "flops_per_second": flops_per_token * tokens_per_step / step,

@@ -65,7 +65,8 @@ SCRIPT = textwrap.dedent("""
     report = {"difference": max(differences), "moved": moved,
               "devices": len(keras.distribution.list_devices()) if backend == "jax" else
                          distributed.distribute_strategy.num_replicas_in_sync,
-              "sample": distributed.generate("It is", max_new_tokens=5, temperature=0)}
+              "sample": distributed.generate("It is", max_new_tokens=5, temperature=0),
+              "jit_compile": [single.jit_compile, distributed.jit_compile]}
     if strategy == "model-parallel":
         kernel = distributed.blocks[0].attention.qkv_dense.kernel
         report["qkv_sharding"] = str(kernel.value.sharding.spec)
@@ -85,6 +86,7 @@ def run_script(strategy, **environment):
 def test_mirrored_strategy_equals_one_device():
     report = run_script("mirrored")
     assert report["devices"] == 2
+    assert report["jit_compile"] == [True, False]  # XLA on one CPU; Keras's choice under a strategy
     assert report["moved"] > 1e-3  # training changed the weights ...
     assert report["difference"] <= 1e-4  # ... and two replicas changed them as one device did
     assert report["sample"].startswith("It is") and len(report["sample"]) == len("It is") + 5

@@ -74,6 +74,12 @@ def test_compile_defaults_and_overrides(tiny_model):
     tiny_model.compile()
     assert isinstance(tiny_model.optimizer, keras.optimizers.Adam)
     assert isinstance(tiny_model.loss, keras.losses.SparseCategoricalCrossentropy)
+    # XLA on TensorFlow even on CPU (Keras's "auto" would leave it off there); torch stays eager.
+    assert tiny_model.jit_compile is {"tensorflow": True, "jax": True, "torch": False}[keras.backend.backend()]
+    tiny_model.compile(jit_compile=False)
+    assert tiny_model.jit_compile is False
+    tiny_model.compile(run_eagerly=True)
+    assert tiny_model.jit_compile is False and tiny_model.run_eagerly
     tiny_model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     assert isinstance(tiny_model.optimizer, keras.optimizers.SGD)
     assert tiny_model.loss == "sparse_categorical_crossentropy"
