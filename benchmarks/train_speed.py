@@ -92,7 +92,7 @@ def worker(args, backend, precision, jit):
                                      sampling="random", seed=0)
     train = train.repeat()
     total_steps = args.steps * (args.bursts + 1)
-    model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps, warmup_steps=10),
+    model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps, warmup_steps=min(10, total_steps - 1)),
                   steps_per_execution=1 if backend == "torch" else args.steps_per_execution,
                   jit_compile={"auto": "auto", "on": True, "off": False}[jit])
     start = time.perf_counter()
