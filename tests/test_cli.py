@@ -218,3 +218,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, workdir, tiny_model, capsys,
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.keras").exists()
+
+
+def test_bench_prints_the_training_speed_json():
+    code, out, err = _finish(_start("bench", "--backends", BACKEND, "--precisions", "fp32", "--steps", "2",
+                                    "--bursts", "1", "--steps-per-execution", "1", "--sequence-length", "16"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"] == "nano" and report["load_average_at_start"] >= 0
+    (run,) = report["runs"]
+    assert "error" not in run, run
+    assert (run["backend"], run["precision"], run["sequence_length"]) == (BACKEND, "fp32", 16)
+    assert run["ms_per_step"] > 0
+    assert run["tokens_per_second"] == pytest.approx(12 * 16 / run["ms_per_step"] * 1000, rel=0.01)
+    assert run["mfu"] == round(run["flops_per_second"] / (report["peak_fp32_gflops"] * 1e9), 3) > 0
