@@ -20,6 +20,9 @@ import sys
 import time
 
 
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile value -> compile(jit_compile=)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
@@ -35,7 +38,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
     parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "PRECISION", "JIT"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.jit_compile.split(",")) - set(JIT_COMPILE)
+    if unknown:
+        parser.error(f"--jit-compile takes {', '.join(JIT_COMPILE)}; got {', '.join(sorted(unknown))}")
+    return args
 
 
 def main():
@@ -98,7 +105,7 @@ def worker(args, backend, precision, jit):
     total_steps = args.steps * (args.bursts + 1)
     model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps, warmup_steps=min(10, total_steps - 1)),
                   steps_per_execution=1 if backend == "torch" else args.steps_per_execution,
-                  jit_compile={"auto": "auto", "on": True, "off": False}[jit])
+                  jit_compile=JIT_COMPILE[jit])
     start = time.perf_counter()
     model.fit(train, steps_per_epoch=args.steps_per_execution, epochs=1, verbose=0)
     compile_seconds = time.perf_counter() - start

@@ -178,7 +178,7 @@ class NanoGPT(keras.Model):
         Defaults: `Adam(1e-3)`, `SparseCategoricalCrossentropy(from_logits=True)`, accuracy. With
         `jit_compile="auto"` on TensorFlow outside a distribution strategy, training is XLA-compiled
         on CPU too (Keras's own "auto" leaves XLA off on CPU-only machines; at nanoGPT's CPU
-        recipe XLA trains 1.5-2x faster, see benchmarks/RESULTS.md).
+        recipe XLA trains 1.5x faster, see benchmarks/RESULTS.md).
 
         Example:
             >>> model = NanoGPT(65, 64, 2, 2, 32)
