@@ -134,23 +134,33 @@ def worker(args, backend, precision, jit):
     return run
 
 
+def nanogpt_model(nanogpt_dir, sequence_length, vocabulary_size, num_layers, num_heads, hidden_dim,
+                  threads=2, seed=0):
+    """nanoGPT's GPT (from `nanogpt_dir/model.py`) at the recipe's settings and its AdamW
+    (`configure_optimizers`: decay 0.1 on 2-D weights, lr 1e-3, betas (0.9, 0.99)).
+
+    Returns:
+        `(torch, model, optimizer)`.
+    """
+    sys.path.insert(0, os.path.abspath(nanogpt_dir))
+    import torch
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=sequence_length, vocab_size=vocabulary_size, n_layer=num_layers,
+                       n_head=num_heads, n_embd=hidden_dim, dropout=0.0, bias=False)
+    model = GPT(config)
+    return torch, model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+
 class NanoGPTRunner:
     """nanoGPT's own model and training step (from `DIR/model.py`) at our model's configuration."""
 
     def __init__(self, args, model, vocabulary_size):
-        sys.path.insert(0, os.path.abspath(args.nanogpt))
-        import numpy as np
-        import torch
-        from model import GPT, GPTConfig  # nanoGPT's model.py
-
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        self.torch, self.np = torch, np
-        config = GPTConfig(block_size=model.sequence_length, vocab_size=vocabulary_size,
-                           n_layer=model.num_layers, n_head=model.num_heads, n_embd=model.hidden_dim,
-                           dropout=0.0, bias=False)
-        self.model = GPT(config)
-        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+        self.torch, self.model, self.optimizer = nanogpt_model(
+            args.nanogpt, model.sequence_length, vocabulary_size, model.num_layers, model.num_heads,
+            model.hidden_dim, threads=args.threads)
         self.shape = (args.batch_size, model.sequence_length)
         self.vocabulary_size = vocabulary_size
         self.burst(2)
