@@ -20,6 +20,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 
 import numpy as np
@@ -82,7 +83,7 @@ def run_seed(args, kn, text, seed):
             seconds[name] += time.perf_counter() - start
             curves[name].append((step, round(seconds[name], 2), round(side.score(), 4)))
         print(f"seed {seed} step {step}: ours {curves['ours'][-1][1:]}, nanoGPT {curves['nanogpt'][-1][1:]}",
-              flush=True)
+              file=sys.stderr, flush=True)
     return {"seed": seed,
             "ours_final_val_loss": curves["ours"][-1][2], "nanogpt_final_val_loss": curves["nanogpt"][-1][2],
             "ours_train_seconds": curves["ours"][-1][1], "nanogpt_train_seconds": curves["nanogpt"][-1][1],
