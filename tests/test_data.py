@@ -94,6 +94,14 @@ def test_random_sampling_like_nanogpt(small_text, char_vectorizer):
     assert val is not None
 
 
+@pytest.mark.parametrize("sampling", kn.data.SAMPLINGS)
+def test_pipelines_do_not_autotune(small_text, char_vectorizer, sampling):
+    # tf.data's autotuning thread makes deleting an iterator (the end of every fit) wait up to a minute.
+    for dataset in kn.data.make_datasets(small_text, char_vectorizer, 32, 4, sampling=sampling):
+        assert dataset.options().autotune.enabled is False
+        assert len(list(dataset.take(3))) == 3
+
+
 def test_no_validation_set():
     text = "abcdefgh" * 50
     train, val = kn.data.make_datasets(text, kn.data.make_vectorizer(text), 8, 2, validation_split=0)
