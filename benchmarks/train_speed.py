@@ -12,6 +12,7 @@ config in the same process, alternating bursts with ours, and reports the ratio.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -150,8 +151,10 @@ def nanogpt_model(nanogpt_dir, sequence_length, vocabulary_size, num_layers, num
     torch.manual_seed(seed)
     config = GPTConfig(block_size=sequence_length, vocab_size=vocabulary_size, n_layer=num_layers,
                        n_head=num_heads, n_embd=hidden_dim, dropout=0.0, bias=False)
-    model = GPT(config)
-    return torch, model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # its reports would spoil the JSON on stdout
+        model = GPT(config)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    return torch, model, optimizer
 
 
 class NanoGPTRunner:
