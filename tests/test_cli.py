@@ -26,10 +26,12 @@ TINY = ["--layers", "1", "--heads", "2", "--hidden-dim", "16", "--sequence-lengt
 EVERY, STEPS = 10, 40
 PROMPT = "It is"
 # TensorFlow prints these while it is imported, before absl logging is set up, whatever
-# TF_CPP_MIN_LOG_LEVEL says; `import keras_nanogpt` imports TensorFlow before cli.py runs.
+# TF_CPP_MIN_LOG_LEVEL says; `import keras_nanogpt` imports TensorFlow before cli.py runs. The oneDNN
+# line comes only on CPUs where TensorFlow turns oneDNN on (AVX-512 VNNI / AMX hosts).
 TF_IMPORT_NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
-    r"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine")
+    r"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on")
 ERRORS = {  # the issue's three kinds of bad input: arguments, the message must hold
     "missing file": (["train", "--text", "/no/such/corpus.txt", "--out", "x.keras"], "'/no/such/corpus.txt'"),
     "bad flag value": (["train", "--text", "CORPUS", "--steps", "0", "--out", "x.keras"], "`--steps`"),
