@@ -73,7 +73,8 @@ def run_seed(args, kn, text, seed):
     split = int(len(text) * 0.9)  # nanoGPT's prepare.py split, in characters
     offsets = np.random.default_rng(seed).integers(0, len(text) - split - CONTEXT,
                                                    size=(args.eval_batches, args.batch_size))
-    ours, theirs = OurRecipe(args, kn, text, seed, offsets), NanoGPTRecipe(args, text, split, seed, offsets)
+    ours = OurRecipe(args, kn, text, split, seed, offsets)
+    theirs = NanoGPTRecipe(args, text, split, seed, offsets)
     curves = {"ours": [(0, 0.0, round(ours.score(), 4))], "nanogpt": [(0, 0.0, round(theirs.score(), 4))]}
     seconds = {"ours": 0.0, "nanogpt": 0.0}
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
@@ -102,7 +103,7 @@ def loss_at(curve, seconds):
 class OurRecipe:
     """`examples/shakespeare_char.py`'s model, data and optimiser, trained a chunk at a time."""
 
-    def __init__(self, args, kn, text, seed, offsets):
+    def __init__(self, args, kn, text, split, seed, offsets):
         import keras
 
         keras.utils.set_random_seed(seed)
@@ -114,7 +115,7 @@ class OurRecipe:
         self.train_data, self.epoch = train.repeat(), 0
         self.model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps=args.steps),
                            steps_per_execution=args.steps_per_execution)
-        validation_text = text[int(len(text) * 0.9):]
+        validation_text = text[split:]
         ids = kn.data.encode(vectorizer, validation_text)
         assert len(ids) == len(validation_text), "a character vectorizer gives one id per character"
         self.x, self.y, self.batch_size = *windows(ids, offsets), args.batch_size

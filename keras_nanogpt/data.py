@@ -36,7 +36,7 @@ _RESERVED = {"char": ("", "[UNK]"), "word": ("", "[UNK]"), "wordpiece": ("[PAD]"
              "sentencepiece": ("<pad>", "<unk>")}
 _BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # GPT-2's document separator: never split
 SAMPLINGS = ("sequential", "random")
-_PREFETCH_BATCHES = 4  # training batches made ahead of the model
+_PREFETCH_BATCHES = 4  # batches each pipeline makes ahead of the model
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
 _PRODUCED_BY = re.compile(r"^Produced by[^\n]*(\n[^\n]+)*\n+")
