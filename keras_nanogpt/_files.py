@@ -1,13 +1,29 @@
-"""Atomic file writes: write beside the target, then rename, so a crash leaves the old file or the new one."""
+"""Atomic file writes: write beside the target, then rename, so a crash leaves the old file or the new one.
+
+A write that fails (disk full, permission denied, read-only folder) raises an `OSError` that names the target
+and the cause, and leaves the old file as it was.
+"""
 
 import contextlib
+import errno
 import os
 import tempfile
+
+_HINTS = {
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space or write somewhere else",
+    errno.EACCES: "this user may not write there: check the folder's permissions or write somewhere else",
+    errno.EPERM: "this user may not write there: check the folder's permissions or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EFBIG: "the file is larger than this process may write (see `ulimit -f`)",
+}
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same suffix); on success it replaces `path` in one rename.
+
+    Any `OSError` while writing becomes one that names `path` and the cause; the old file stays.
 
     Args:
         path: the file to write.
@@ -18,17 +34,55 @@ def atomic_path(path):
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     base = os.path.basename(path)
     suffix = ".weights.h5" if base.endswith(".weights.h5") else os.path.splitext(base)[1]
-    handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=directory)
-    os.close(handle)
-    os.remove(tmp)  # writers such as Keras refuse to overwrite without asking
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=directory)
+        os.close(handle)
+        os.remove(tmp)  # writers such as Keras refuse to overwrite without asking
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(directory)
+    except OSError as error:
+        raise write_error(path, error) from error
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(path, data):
+    """Write `data` to `path` atomically (see `atomic_path`).
+
+    Example:
+        >>> write_bytes("notes.txt", b"hello")  # doctest: +SKIP
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_error(path, error):
+    """An `OSError` (same errno, so `PermissionError` stays one) saying that `path` could not be written and why."""
+    code = getattr(error, "errno", None)
+    cause = os.strerror(code) if code else (str(error) or type(error).__name__)
+    hint = _HINTS.get(code)
+    message = (f"Could not write {path!r}: {cause}{f' ({hint})' if hint else ''}. Nothing was replaced: "
+               f"the file that was there, if any, is unchanged.")
+    return OSError(code, message) if code else OSError(message)
+
+
+def _fsync_directory(directory):
+    """Make the rename itself durable (a power cut after `os.replace` keeps the new name)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens folders
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse to fsync a folder; the rename has still happened
+    finally:
+        os.close(handle)

@@ -1,5 +1,6 @@
 """NanoGPT: token ids in, next-token logits out; compile defaults, named configurations, save/load, generate."""
 
+import io
 import math
 import os
 
@@ -252,6 +253,9 @@ class NanoGPT(keras.Model):
     def save(self, filepath, overwrite=True, **kwargs):
         """Save to a `.keras` file atomically: a crash leaves the old file or the new one, never half.
 
+        A write that fails (disk full, permission denied, read-only folder) raises an `OSError` naming
+        `filepath` and the cause, and leaves the old file as it was.
+
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).save("model.keras")  # doctest: +SKIP
         """
@@ -260,8 +264,20 @@ class NanoGPT(keras.Model):
             super().save(tmp, **kwargs)
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
-        """Save weights to a `.weights.h5` file atomically (used by checkpoint callbacks too)."""
+        """Save weights to a `.weights.h5` file atomically (used by checkpoint callbacks too).
+
+        The HDF5 file is made in memory, then written: HDF5 writing straight to a full disk can crash the
+        process (measured: a segmentation fault), while this raises an `OSError` naming `filepath` and the
+        cause and leaves the old file as it was.
+
+        Example:
+            >>> NanoGPT(65, 64, 2, 2, 32).save_weights("model.weights.h5")  # doctest: +SKIP
+        """
         _check_target(filepath, ".weights.h5", overwrite)
+        data = None if kwargs.get("max_shard_size") else _weights_h5_bytes(self)
+        if data is not None:
+            _files.write_bytes(filepath, data)
+            return
         with _files.atomic_path(filepath) as tmp:
             super().save_weights(tmp, **kwargs)
 
@@ -323,6 +339,21 @@ def load_model(filepath, **kwargs):
         raise ValueError(f"{path!r} is corrupted: its zip archive cannot be read ({error}).") from error
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path!r} could not be loaded as a .keras model: {error}") from error
+
+
+def _weights_h5_bytes(model):
+    """The `.weights.h5` file Keras's `save_weights` writes, made in memory (None where Keras lacks the parts)."""
+    try:
+        from keras.src.saving import saving_lib
+
+        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
+        save_state = saving_lib._save_state
+    except (ImportError, AttributeError, TypeError):
+        return None
+    save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    buffer = store.path_or_io
+    store.close()
+    return buffer.getvalue()
 
 
 def _check_target(filepath, suffix, overwrite):
