@@ -1,6 +1,6 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-from keras_nanogpt import callbacks, convert, data, distribute, generation, training
+from keras_nanogpt import backup, callbacks, convert, data, distribute, generation, training
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 
@@ -12,6 +12,7 @@ __all__ = [
     "NanoGPT",
     "TokenAndPositionEmbedding",
     "TransformerBlock",
+    "backup",
     "callbacks",
     "convert",
     "data",
