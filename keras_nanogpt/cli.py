@@ -6,7 +6,9 @@
     keras-nanogpt export pride.keras serving/
     keras-nanogpt bench --backends tensorflow --precisions fp32
 
-Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback).
+Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback), warnings
+one line `warning: ...`. SIGTERM or SIGINT during `train --checkpoint-dir` backs up the step it ends on and
+exits with 143 or 130 (128 + the signal number); the same command resumes there.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +59,8 @@ def build_parser():
                        help="none, mirrored, tpu, data-parallel, model-parallel or multi-host")
     train.add_argument("--seed", type=int, default=1337)
     train.add_argument("--out", required=True, help="the .keras file to write when training completes")
-    train.add_argument("--checkpoint-dir", help="back up here and resume from it after a crash")
+    train.add_argument("--checkpoint-dir",
+                       help="back up here (also on SIGTERM/SIGINT) and resume from it after a crash")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between backups / reports")
     train.add_argument("--tensorboard", help="log directory for TensorBoard scalars and samples")
     train.add_argument("--plot", help="PNG of train and validation loss")
@@ -102,6 +106,9 @@ def main(argv=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         if argv[:1] == ["bench"]:
             return bench(argv[1:])
@@ -116,6 +123,12 @@ def main(argv=None):
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def train(args):
@@ -152,13 +165,13 @@ def train(args):
                      if args.recipe == "nanogpt" else keras.optimizers.Adam(args.learning_rate))
         model.compile(optimizer=optimizer)
         callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
+        backup, resumed = None, 0
         if args.checkpoint_dir:
-            # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
-            callbacks.append(keras.callbacks.BackupAndRestore(args.checkpoint_dir, save_freq="epoch",
-                                                              double_checkpoint=True))
-            resumed = _backed_up_epochs(args.checkpoint_dir)
+            # Every --checkpoint-every steps and on SIGTERM/SIGINT (then at that step, exiting 143/130).
+            backup = kn.backup.PreemptibleBackup(args.checkpoint_dir, save_every=every)
+            resumed = backup.restore(model)
             if resumed:
-                print(f"resuming from step {resumed * steps_per_epoch}", flush=True)
+                print(f"resuming from step {resumed}", flush=True)
         if args.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
         if args.prompt or args.tensorboard:
@@ -167,10 +180,15 @@ def train(args):
                 top_k=40, seed=args.seed))
         if args.plot:
             callbacks.append(kn.callbacks.LossPlotCallback(args.plot))
-        model.fit(train_ds.repeat() if args.epochs is None else train_ds,
-                  steps_per_epoch=steps_per_epoch, epochs=total_steps // steps_per_epoch,
-                  validation_data=val_ds, callbacks=callbacks, verbose=args.verbose)
+        if backup is not None:
+            callbacks.append(backup)  # last: on a signal it stops after the other callbacks saw the step
+        # The same batches as a run never stopped: the random windows continue after the `resumed` trained.
+        model.fit(train_ds.repeat().skip(resumed), steps_per_epoch=steps_per_epoch,
+                  epochs=total_steps // steps_per_epoch, validation_data=val_ds, callbacks=callbacks,
+                  verbose=args.verbose)
     model.save(args.out)
+    if backup is not None:
+        backup.delete()  # only now: a failed save leaves the backup of the final step
     print(f"saved {args.out} after {total_steps} steps", flush=True)
     return 0
 
@@ -195,14 +213,6 @@ def _check_train_arguments(args):
         check.check_float("--dropout", args.dropout, 0.0, 1.0, high_inclusive=False)
     if not args.out.endswith(".keras"):
         raise ValueError(f"`--out` must end in .keras; got {args.out!r}.")
-
-
-def _backed_up_epochs(directory):
-    path = os.path.join(directory, "training_metadata.json")
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
 
 
 def generate(args):
