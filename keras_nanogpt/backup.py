@@ -29,6 +29,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 import zipfile
 
@@ -40,6 +41,7 @@ from keras_nanogpt import _files, _validation
 FORMAT = "keras_nanogpt.backup"
 VERSION = 1
 _NAME = re.compile(r"^backup-(\d+)\.npz$")
+_EXIT_GRACE_S = 30  # after the backup on a signal, further signals are ignored this long while the process exits
 _MANIFEST = "manifest.json"
 
 
@@ -101,6 +103,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
         self._fit_code = ()
         self._processes = 1
         self._random_states = {}
+        self._exiting_until = 0.0
 
     # -- restoring ------------------------------------------------------------------------------------
 
@@ -179,11 +182,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_base + batch + 1
-        received = self._received
-        if self._processes > 1:
-            received = _agreed_signal(received)
-        if received is not None:
-            self._stop_for_signal(received)
+        if self._stopped_for_signal():
             return
         if self.save_every != "epoch" and self._step // self.save_every > self._last_saved // self.save_every:
             self._save()
@@ -194,12 +193,15 @@ class PreemptibleBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self._model.stop_training is _END_OF_SHORT_EPOCH:
             self._model.stop_training = False
+        if self._stopped_for_signal():  # one that came during validation: no further step
+            return
         if self.save_every == "epoch" and self._step != self._last_saved:
             self._save()
 
     def on_train_end(self, logs=None):
-        if self._step != self._last_saved and self.interrupted_by is None:
-            self._save()  # the final state, so that a failed model.save loses nothing
+        if self.interrupted_by is None and not self._stopped_for_signal():
+            if self._step != self._last_saved:
+                self._save()  # the final state, so that a failed model.save loses nothing
         self._uninstall_handlers()
         self._model._initial_epoch = None
 
@@ -259,12 +261,14 @@ class PreemptibleBackup(keras.callbacks.Callback):
         self._previous_handlers = {}
 
     def _on_signal(self, number, frame):
-        """Note the signal; the step that is running finishes, then `on_train_batch_end` saves and stops.
+        """Note the signal; the step (or validation) that is running finishes, then the callback saves and stops.
 
         Later signals are noted too and change nothing: the backup being written is not interrupted.
         Once `fit` is over (it raised, or a caller caught the SystemExit) the previous handler takes the
         signal, as if this callback had never been there.
         """
+        if time.monotonic() < self._exiting_until:
+            return  # the backup is written and the process is exiting with 128 + the first signal
         while frame is not None and frame.f_code not in self._fit_code:
             frame = frame.f_back
         if frame is not None:
@@ -278,6 +282,14 @@ class PreemptibleBackup(keras.callbacks.Callback):
         elif previous == signal.SIG_DFL:
             os.kill(os.getpid(), number)
 
+    def _stopped_for_signal(self):
+        """Back up and stop (see `_stop_for_signal`) if a signal came, to any process under multi-host."""
+        received = _agreed_signal(self._received) if self._processes > 1 else self._received
+        if received is None or self.interrupted_by is not None:
+            return False
+        self._stop_for_signal(received)
+        return True
+
     def _stop_for_signal(self, number):
         name = signal.Signals(number).name
         path = os.path.join(self.directory, f"backup-{self._step:09d}.npz")
@@ -287,7 +299,9 @@ class PreemptibleBackup(keras.callbacks.Callback):
         self.print_fn(f"{name}: backed up step {self._step} to {path}; the same command resumes from there.")
         self._model._initial_epoch = None
         if self.exit_on_signal:
-            raise SystemExit(128 + int(number))  # the handlers stay: a signal now is noted and changes nothing
+            # The handlers stay, ignoring further signals while the process exits (then they pass them on).
+            self._exiting_until = time.monotonic() + _EXIT_GRACE_S
+            raise SystemExit(128 + int(number))
         self._model.stop_training = True
         self._uninstall_handlers()
 

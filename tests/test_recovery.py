@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -62,19 +63,29 @@ def _iterations(model):
 
 
 def _interrupt(process, folder, number, deadline_s=400):
-    """Once `process` has written its first backup, send it `number`, then again every 2 ms until a new backup
-    file is there (so signals also arrive while it is being written). Returns how many signals were sent."""
+    """Once `process` has written its first backup, send it `number` every 2 ms until it says it backed up (so
+    signals also arrive while the backup is written). Returns (signals sent, its stderr, read meanwhile)."""
+    lines = []
+
+    def read():
+        for line in process.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.monotonic() + deadline_s
     while not list(folder.glob("backup-*.npz")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    first = set(folder.glob("backup-*.npz"))
-    assert first, "no backup before the deadline, or the run ended early"
+    assert list(folder.glob("backup-*.npz")), "no backup before the deadline, or the run ended early"
     sent = 0
-    while process.poll() is None and set(folder.glob("backup-*.npz")) <= first and time.monotonic() < deadline:
+    while (process.poll() is None and not any(NOTICE.match(line.strip()) for line in lines)
+           and time.monotonic() < deadline):
         process.send_signal(number)
         sent += 1
         time.sleep(0.002)
-    return sent
+    process.wait(timeout=300)
+    reader.join(timeout=60)
+    return sent, "".join(lines)
 
 
 @pytest.fixture()
@@ -94,28 +105,35 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
                "--out", str(tmp_path / "m.keras")]
     stopped = subprocess.Popen([SCRIPT, *command], env=_environment(), text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
+    interrupted = {}
+    watcher = threading.Thread(target=lambda: interrupted.update(
+        zip(("sent", "err"), _interrupt(stopped, tmp_path / "ckpt", signal.SIGTERM))))
+    watcher.start()
     try:
-        sent = _interrupt(stopped, tmp_path / "ckpt", signal.SIGTERM)
-        _, err = stopped.communicate(timeout=300)
+        # Meanwhile, in this process: a run never stopped (the reference).
+        assert cli.main([*TRAIN, "--text", str(corpus), "--out", str(tmp_path / "never_stopped.keras")]) == 0
+        watcher.join(timeout=600)
+        stopped.communicate(timeout=300)
     finally:
         if stopped.poll() is None:
             stopped.kill()
             stopped.communicate()
+    sent, err = interrupted["sent"], interrupted["err"]
     assert stopped.returncode == 143, err
     (line,) = _messages(err)
     name, step, path = NOTICE.match(line).groups()
     step = int(step)
-    assert name == "SIGTERM" and EVERY < step < STEPS and sent >= 1
+    assert name == "SIGTERM" and EVERY <= step < STEPS and sent >= 1
     assert path == str(tmp_path / "ckpt" / f"backup-{step:09d}.npz")
     assert kn.backup.read_backup(path)[0]["step"] == step  # whole, though signals came while it was written
     assert not (tmp_path / "m.keras").exists()
 
-    # The same command, in this process, then a run never stopped (the reference).
+    # The same command, in this process.
+    capsys.readouterr()
     assert cli.main(command) == 0
     out = capsys.readouterr().out
     assert f"resuming from step {step}\n" in out and f"after {STEPS} steps" in out
     assert not (tmp_path / "ckpt").exists()  # removed once the model is saved
-    assert cli.main([*TRAIN, "--text", str(corpus), "--out", str(tmp_path / "never_stopped.keras")]) == 0
     resumed, never_stopped = (kn.load_model(tmp_path / n) for n in ("m.keras", "never_stopped.keras"))
     assert _iterations(resumed) == _iterations(never_stopped) == STEPS
     assert _largest_difference(resumed, never_stopped) <= 1e-5  # measured: 0.0 on all three backends
@@ -171,7 +189,7 @@ def tiny(small_text, char_vectorizer):
     return _TinyRun(char_vectorizer, small_text[:6000])
 
 
-def test_sigint_during_fit_backs_up_and_a_resumed_fit_ends_as_one_never_stopped(tmp_path, tiny):
+def test_sigint_during_fit_backs_up_and_a_resumed_fit_ends_as_one_never_stopped(tmp_path, tiny, monkeypatch):
     model = tiny.model
     data = tiny.reset()
     model.fit(data, steps_per_epoch=5, epochs=4, verbose=0)
@@ -190,7 +208,11 @@ def test_sigint_during_fit_backs_up_and_a_resumed_fit_ends_as_one_never_stopped(
                      f"command resumes from there."]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["backup-000000005.npz",
                                                                      "backup-000000008.npz"]
-    # fit is over: the next SIGINT goes to the handler that was there before (KeyboardInterrupt), which is back.
+    # While the process would be exiting (30 s), another SIGINT changes nothing; after that (here: at once),
+    # fit being over, it goes to the handler that was there before (KeyboardInterrupt), which is back.
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    monkeypatch.setattr(backup, "_exiting_until", 0.0)
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
@@ -238,9 +260,10 @@ def test_sigterm_to_one_of_two_jax_processes_stops_both_at_one_step(tmp_path, co
     port = _free_port()
     processes = [start(i, port) for i in range(2)]
     try:
-        _interrupt(processes[1], tmp_path / "ckpt", signal.SIGTERM)  # process 1 only
+        _, signalled = _interrupt(processes[1], tmp_path / "ckpt", signal.SIGTERM)  # process 1 only
     finally:
         outputs = finish(processes)
+    outputs[1] = ("", signalled)
     steps = set()
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 143, err[-3000:]
@@ -248,7 +271,7 @@ def test_sigterm_to_one_of_two_jax_processes_stops_both_at_one_step(tmp_path, co
         name, step, path = NOTICE.match(line).groups()
         steps.add((int(step), path))
     ((step, path),) = steps  # both processes stopped at the same step and name the same file
-    assert EVERY < step < STEPS and kn.backup.read_backup(path)[0]["step"] == step
+    assert EVERY <= step < STEPS and kn.backup.read_backup(path)[0]["step"] == step
 
     port = _free_port()
     processes = [start(i, port) for i in range(2)]
@@ -471,3 +494,20 @@ def _check_writes_past_the_file_size_limit(tmp_path, tiny):
         assert error.errno == errno.EFBIG and str(error).startswith(
             f"[Errno {errno.EFBIG}] Could not write {str(path)!r}: {os.strerror(errno.EFBIG)}")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_every_optimizer_variable_comes_back_muon_included(tmp_path, small_text, char_vectorizer):
+    """Muon (orthogonalised momentum on 2-D weights, AdamW on the rest) keeps its own state: all of it returns."""
+    keras.utils.set_random_seed(1)
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), 16, 1, 2, 16, vectorizer=char_vectorizer)
+    model.compile(optimizer=keras.optimizers.Muon(learning_rate=0.02), jit_compile=BACKEND != "tensorflow" and "auto")
+    train, _ = kn.data.make_datasets(small_text[:6000], char_vectorizer, 16, 8, validation_split=0.0, seed=0)
+    model.fit(train.repeat(), steps_per_epoch=3, verbose=0,
+              callbacks=[kn.backup.PreemptibleBackup(tmp_path / "ckpt", save_every=3)])
+    variables = list(model.variables) + list(model.optimizer.variables)
+    saved = [to_numpy(v) for v in variables]
+    assert sum(float(np.abs(a).sum()) > 0 for a in saved[len(model.variables):]) > len(model.trainable_variables)
+    for variable in variables:
+        variable.assign(np.zeros(variable.shape, keras.backend.standardize_dtype(variable.dtype)))
+    assert kn.backup.PreemptibleBackup(tmp_path / "ckpt").restore(model) == 3
+    assert all(np.array_equal(to_numpy(v), a) for v, a in zip(variables, saved))
