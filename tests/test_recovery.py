@@ -75,7 +75,7 @@ def _interrupt(process, folder, number, deadline_s=400):
     reader.start()
     deadline = time.monotonic() + deadline_s
     while not list(folder.glob("backup-*.npz")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.002)
     assert list(folder.glob("backup-*.npz")), "no backup before the deadline, or the run ended early"
     sent = 0
     while (process.poll() is None and not any(NOTICE.match(line.strip()) for line in lines)
@@ -106,8 +106,14 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
     stopped = subprocess.Popen([SCRIPT, *command], env=_environment(), text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     interrupted = {}
-    watcher = threading.Thread(target=lambda: interrupted.update(
-        zip(("sent", "err"), _interrupt(stopped, tmp_path / "ckpt", signal.SIGTERM))))
+
+    def watch():
+        try:
+            interrupted["sent"], interrupted["err"] = _interrupt(stopped, tmp_path / "ckpt", signal.SIGTERM)
+        except BaseException as error:  # shown by the test below
+            interrupted["error"] = error
+
+    watcher = threading.Thread(target=watch)
     watcher.start()
     try:
         # Meanwhile, in this process: a run never stopped (the reference).
@@ -118,6 +124,7 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
         if stopped.poll() is None:
             stopped.kill()
             stopped.communicate()
+    assert "error" not in interrupted, interrupted.get("error")
     sent, err = interrupted["sent"], interrupted["err"]
     assert stopped.returncode == 143, err
     (line,) = _messages(err)
@@ -336,6 +343,18 @@ def _flip_a_weight(path):
     path.write_bytes(bytes(data))
 
 
+def test_console_script_with_no_usable_backup_says_how_to_start_afresh(tmp_path, corpus, capsys):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "backup-000000010.npz").write_bytes(b"not a backup")
+    assert cli.main([*TRAIN, "--text", str(corpus), "--checkpoint-dir", str(folder),
+                     "--out", str(tmp_path / "m.keras")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: No backup in") and str(folder / "backup-000000010.npz") in line
+    assert f"Remove the folder {str(folder)!r} to start training afresh" in line
+    assert os.listdir(folder) == ["backup-000000010.npz"] and not (tmp_path / "m.keras").exists()
+
+
 @pytest.mark.parametrize("damage, reason", [(_truncate, "truncated"), (_garbage, "truncated, or not a backup"),
                                             (_flip_a_weight, "Bad CRC-32")])
 def test_a_damaged_newest_backup_is_set_aside_and_the_previous_one_restored(two_backups, tiny, damage, reason):
@@ -511,3 +530,21 @@ def test_every_optimizer_variable_comes_back_muon_included(tmp_path, small_text,
         variable.assign(np.zeros(variable.shape, keras.backend.standardize_dtype(variable.dtype)))
     assert kn.backup.PreemptibleBackup(tmp_path / "ckpt").restore(model) == 3
     assert all(np.array_equal(to_numpy(v), a) for v, a in zip(variables, saved))
+
+
+def test_the_archive_keeps_every_dtype_and_shape(tmp_path):
+    import ml_dtypes
+
+    arrays = [np.arange(6, dtype=ml_dtypes.bfloat16).reshape(2, 3), np.int64(7), np.array([1, 2], np.uint32),
+              np.ones((2, 2), np.float32)[:, :1]]  # bfloat16 (stored as its bits), a scalar, a strided view
+    manifest = {"format": kn.backup.FORMAT, "version": kn.backup.VERSION, "step": 7,
+                "variables": [[f"v{i}", list(np.shape(a)), np.asarray(a).dtype.name] for i, a in enumerate(arrays)]}
+    kn.backup.write_backup(tmp_path / "backup-000000007.npz", manifest, [np.asarray(a) for a in arrays],
+                           {"torch_cpu": np.arange(5, dtype=np.uint8)})
+    read, back, random_states = kn.backup.read_backup(tmp_path / "backup-000000007.npz")
+    assert read["step"] == 7 and list(random_states["torch_cpu"]) == [0, 1, 2, 3, 4]
+    for original, restored in zip(arrays, back):
+        original = np.asarray(original)
+        assert restored.dtype == original.dtype and restored.shape == original.shape
+        assert np.array_equal(restored.astype(np.float64), original.astype(np.float64))
+    assert os.listdir(tmp_path) == ["backup-000000007.npz"]
