@@ -65,7 +65,8 @@ class PreemptibleBackup(keras.callbacks.Callback):
         directory: the folder of backups (created when needed; hold nothing else there).
         save_every: back up every this many steps, or "epoch" for the end of every epoch.
         keep: backup generations kept (at least 1; 2 keeps the previous one for when the newest is damaged).
-        signals: the signals that end training with a backup.
+        signals: the signals that end training with a backup (one ignored when `fit` starts, as `nohup`
+            and background jobs ignore SIGINT, stays ignored).
         exit_on_signal: after the backup on a signal, raise `SystemExit(128 + signal number)` (True) or
             make `fit` return normally (False; `interrupted_by` then names the signal).
         print_fn: where the one line about the backup on a signal goes (default: stderr).
@@ -252,7 +253,8 @@ class PreemptibleBackup(keras.callbacks.Callback):
         self._fit_code = tuple(inspect.unwrap(cls.__dict__["fit"]).__code__
                                for cls in type(model).__mro__ if "fit" in cls.__dict__)
         for number in self.signals:
-            self._previous_handlers[number] = signal.signal(number, self._on_signal)
+            if signal.getsignal(number) != signal.SIG_IGN:  # ignored (nohup, a background job): left so
+                self._previous_handlers[number] = signal.signal(number, self._on_signal)
 
     def _uninstall_handlers(self):
         for number, previous in self._previous_handlers.items():
