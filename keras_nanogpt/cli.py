@@ -47,9 +47,11 @@ def build_parser():
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps in all (rounded up to --checkpoint-every)")
     length.add_argument("--epochs", type=int, help="passes over the training windows")
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--recipe", default="nanogpt", choices=("adam", "nanogpt"),
-                       help="adam: plain Adam; nanogpt: AdamW, warmup + cosine, clipping")
+    train.add_argument("--learning-rate", type=float,
+                       help="peak learning rate (default: the recipe's; modern: Muon's)")
+    train.add_argument("--recipe", default="modern", choices=("modern", "nanogpt", "adam"),
+                       help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon (the default); nanogpt: GPT-2's "
+                            "layout, AdamW, warmup + cosine, clipping; adam: GPT-2's layout, plain Adam")
     train.add_argument("--validation-split", type=float, default=0.1)
     train.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16")
     train.add_argument("--strategy", default="none",
@@ -134,9 +136,10 @@ def train(args):
         ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
         ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
     every = args.checkpoint_every
+    architecture = kn.model.MODERN if args.recipe == "modern" else {}
     with strategy:
         model = kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
-                                            vectorizer=vectorizer, **overrides)
+                                            vectorizer=vectorizer, **{**architecture, **overrides})
         train_ds, val_ds = kn.data.make_datasets(
             text, vectorizer, model.sequence_length, args.batch_size, validation_split=args.validation_split,
             sampling="random", seed=args.seed)
@@ -146,11 +149,7 @@ def train(args):
         else:
             steps_per_epoch = every
             total_steps = math.ceil(args.steps / every) * every
-        optimizer = (kn.training.nanogpt_optimizer(total_steps, learning_rate=args.learning_rate,
-                                                   min_learning_rate=args.learning_rate / 10,
-                                                   warmup_steps=min(100, total_steps // 10))
-                     if args.recipe == "nanogpt" else keras.optimizers.Adam(args.learning_rate))
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=kn.training.optimizer_for(args.recipe, total_steps, args.learning_rate))
         callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
         if args.checkpoint_dir:
             # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
@@ -189,7 +188,8 @@ def _check_train_arguments(args):
     check.check_choice("--config", args.config, tuple(kn.CONFIGS))
     check.check_choice("--level", args.level, kn.data.LEVELS)
     check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
-    check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
+    if args.learning_rate is not None:
+        check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
     check.check_float("--validation-split", args.validation_split, 0.0, 1.0, high_inclusive=False)
     if args.dropout is not None:
         check.check_float("--dropout", args.dropout, 0.0, 1.0, high_inclusive=False)
