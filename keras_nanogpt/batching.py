@@ -244,6 +244,9 @@ class Batcher:
             return self._check_prompts(request)
         except (ValueError, TypeError) as error:  # e.g. a character a vocabulary without [UNK] lacks
             return ("refused", " ".join(str(error).split()), "prompt")
+        except Exception as error:  # noqa: BLE001 -- answered, so that its client does not wait forever
+            logger.exception("checking a request failed")
+            return ("failed", f"Checking the request failed: {type(error).__name__}: {error}")
 
     def _check_prompts(self, request):
         vectorizer = self.model.vectorizer
@@ -301,7 +304,7 @@ class Batcher:
         prompts = [prompt for _, _, prompt in rows]
         limits = [request.max_tokens for request, _, _ in rows]
         sampling = batch[0].sampling
-        if sampling.seed is None:  # pad to a power of two with rows that make nothing
+        if sampling.seed is None:  # pad to a power of two with copies of a prompt that make nothing
             size = min(self.max_batch, 1 << (len(rows) - 1).bit_length())
             shortest = min(prompts, key=len)
             prompts += [shortest] * (size - len(rows))

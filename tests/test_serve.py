@@ -236,6 +236,22 @@ def test_unknown_characters_are_served_with_the_warning(server):
     assert any("never seen in training" in w and "\u03a9" in w for w in body["warnings"])
 
 
+def test_an_unexpected_error_is_a_500_and_the_server_goes_on(server, monkeypatch):
+    encode = kn.data.encode
+
+    def failing(vectorizer, text):
+        if text == "BOOM":
+            raise RuntimeError("the tokenizer broke")
+        return encode(vectorizer, text)
+
+    monkeypatch.setattr(kn.data, "encode", failing)
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "BOOM"}, timeout=WAIT)
+    assert response.status_code == 500 and "the tokenizer broke" in response.json()["error"]["message"]
+    fine = httpx.post(server.url + "/v1/completions", json={"prompt": "It is", "max_tokens": 12,
+                                                            "temperature": 0}, timeout=WAIT)
+    assert fine.status_code == 200 and len(fine.json()["choices"][0]["text"]) == 12
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 BAD = [  # (body, status, param, a fragment of the message)
