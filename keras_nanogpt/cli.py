@@ -1,10 +1,11 @@
-"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench.
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench, serve.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
     keras-nanogpt generate pride.keras --prompt "It is a truth" --max-new-tokens 200 --top-k 40
     keras-nanogpt evaluate pride.keras --text pride_and_prejudice
     keras-nanogpt export pride.keras serving/
     keras-nanogpt bench --backends tensorflow --precisions fp32
+    keras-nanogpt serve pride.keras --port 8000
 
 Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback).
 """
@@ -90,6 +91,21 @@ def build_parser():
     export.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model",))
 
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py)", add_help=False)
+
+    serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions API and a playground")
+    serve.add_argument("model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    serve.add_argument("--api-key", help="require this key (default: $KERAS_NANOGPT_API_KEY, else none)")
+    serve.add_argument("--name", help="the model's name in the API (default: the file name)")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows in one decode batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429")
+    serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask")
+    serve.add_argument("--max-prompt-tokens", type=int, help="tokens in a prompt (default: the model's context)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size; more get 413")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="a free decoder starts a batch once no request came for this long")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
 
@@ -108,7 +124,8 @@ def main(argv=None):
         if argv[:1] == ["bench"]:
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export}[args.command](args)
+        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export,
+                "serve": serve}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -266,6 +283,16 @@ def export(args):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {args.model} to {target} ({args.format}); serve() maps int32 ids (batch, time) to logits")
     return 0
+
+
+def serve(args):
+    from keras_nanogpt.serve import run
+
+    return run(args.model, host=args.host, port=args.port, name=args.name,
+               api_key=args.api_key or os.environ.get("KERAS_NANOGPT_API_KEY") or None,
+               log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
+               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+               max_body_bytes=args.max_body_bytes, batch_wait_ms=args.batch_wait_ms)
 
 
 def bench(argv):
