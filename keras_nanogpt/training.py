@@ -154,7 +154,7 @@ class MatrixDecayMuon(keras.optimizers.Muon):
                 variable.assign(variable - variable * factor)
 
 
-def muon_optimizer(total_steps, learning_rate=0.02, adam_learning_rate=3e-3, warmup_steps=100,
+def muon_optimizer(total_steps, learning_rate=0.01, adam_learning_rate=3e-3, warmup_steps=100,
                    decay_fraction=1.0, final_ratio=0.1, decay_shape="cosine", momentum=0.95,
                    weight_decay=0.0, adam_weight_decay=0.1, adam_beta_1=0.9, adam_beta_2=0.99,
                    clipnorm=1.0, ns_steps=5, gradient_accumulation_steps=None):
