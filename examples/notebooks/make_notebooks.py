@@ -158,7 +158,7 @@ print(f"{model.count_params():,} parameters ({by_hand - T * d + d * V + L * 2 * 
 (`kn.training.muon_optimizer`: Keras's `keras.optimizers.Muon` on the blocks' matrices, AdamW on the
 embedding, head and norms, warmup then decay, gradient clipping). `kn.training.nanogpt_optimizer` is
 nanoGPT's AdamW recipe, for the GPT-2 layout. `TextGenerationCallback` prints a sample as training goes.
-NOTEBOOK_TIMING"""),
+1,000 steps on a 2-core CPU: see the README for the measured time."""),
     ("code", """\
 total_steps = EPOCHS * STEPS_PER_EPOCH
 model.compile(optimizer=kn.training.muon_optimizer(total_steps=total_steps, warmup_steps=total_steps // 10))
