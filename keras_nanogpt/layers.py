@@ -6,6 +6,8 @@ Every layer uses `keras.ops` only, so the same code runs on the TensorFlow, JAX 
 import keras
 from keras import ops
 
+from keras_nanogpt._sublayers import call_sublayer
+
 
 def _serialize(initializer):
     return keras.initializers.serialize(keras.initializers.get(initializer))
@@ -50,7 +52,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     def call(self, token_ids, start_index=0):
         positions = ops.arange(ops.shape(token_ids)[1], dtype="int32") + start_index
-        return self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+        return (call_sublayer(self.token_embedding, token_ids)
+                + call_sublayer(self.position_embedding, positions)[None])
 
     def project_to_vocabulary(self, hidden):
         """Logits from hidden states with the (tied) token table: `hidden @ embeddings.T`."""
@@ -134,7 +137,7 @@ class CausalSelfAttention(keras.layers.Layer):
             The output `(batch, time, hidden_dim)`, and the updated cache when one was given.
         """
         batch, time = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        qkv = self.qkv_dense(inputs)  # (batch, time, 3 * hidden_dim)
+        qkv = call_sublayer(self.qkv_dense, inputs)  # (batch, time, 3 * hidden_dim)
         qkv = ops.reshape(qkv, (batch, time, 3, self.num_heads, self.head_dim))
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if cache is None:
@@ -142,7 +145,8 @@ class CausalSelfAttention(keras.layers.Layer):
         else:
             attended, cache = self._attend_with_cache(query, key, value, cache, cache_index)
         attended = ops.reshape(attended, (batch, time, self.hidden_dim))
-        outputs = self.output_dropout(self.output_dense(attended), training=training)
+        outputs = call_sublayer(self.output_dropout, call_sublayer(self.output_dense, attended),
+                                training=training)
         return outputs if cache is None else (outputs, cache)
 
     def _attend_with_cache(self, query, key, value, cache, cache_index):
@@ -248,13 +252,14 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, inputs, cache=None, cache_index=None, training=None):
         """Apply the block; with `cache` (see `CausalSelfAttention.call`) also return the new cache."""
-        attended = self.attention(self.attention_norm(inputs), cache=cache, cache_index=cache_index,
-                                  training=training)
+        attended = call_sublayer(self.attention, call_sublayer(self.attention_norm, inputs), cache=cache,
+                                 cache_index=cache_index, training=training)
         if cache is not None:
             attended, cache = attended
         x = inputs + attended
-        hidden = self._activation_fn(self.mlp_dense(self.mlp_norm(x)))  # (batch, time, intermediate_dim)
-        x = x + self.mlp_dropout(self.mlp_output_dense(hidden), training=training)
+        hidden = self._activation_fn(  # (batch, time, intermediate_dim)
+            call_sublayer(self.mlp_dense, call_sublayer(self.mlp_norm, x)))
+        x = x + call_sublayer(self.mlp_dropout, call_sublayer(self.mlp_output_dense, hidden), training=training)
         return x if cache is None else (x, cache)
 
     def compute_output_shape(self, input_shape):

@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_nanogpt import _files, _validation
+from keras_nanogpt._sublayers import call_sublayer
 from keras_nanogpt.layers import ACTIVATIONS, TokenAndPositionEmbedding, TransformerBlock
 
 CONFIGS = {
@@ -131,10 +132,11 @@ class NanoGPT(keras.Model):
         return self._vectorizer_holder.value
 
     def call(self, token_ids, training=None):
-        x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
+        x = call_sublayer(self.embedding_dropout, call_sublayer(self.embedding, token_ids),
+                          training=training)  # (batch, time, hidden)
         for block in self.blocks:
-            x = block(x, training=training)
-        return self._logits(self.final_norm(x))
+            x = call_sublayer(block, x, training=training)
+        return self._logits(call_sublayer(self.final_norm, x))
 
     def call_with_cache(self, token_ids, cache, cache_index):
         """Run `token_ids` at positions `cache_index...` against a KV cache (no dropout).
@@ -149,12 +151,12 @@ class NanoGPT(keras.Model):
             `(batch, time, vocabulary_size)`, final hidden states `(batch, time, hidden_dim)` and
             the updated cache.
         """
-        x = self.embedding(token_ids, start_index=cache_index)
+        x = call_sublayer(self.embedding, token_ids, start_index=cache_index)
         layer_caches = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, training=False)
+            x, layer_cache = call_sublayer(block, x, cache=layer_cache, cache_index=cache_index, training=False)
             layer_caches.append(layer_cache)
-        hidden_states = self.final_norm(x)
+        hidden_states = call_sublayer(self.final_norm, x)
         return self._logits(hidden_states), hidden_states, tuple(layer_caches)
 
     def empty_cache(self, batch_size, max_length=None):
@@ -169,7 +171,7 @@ class NanoGPT(keras.Model):
 
     def _logits(self, hidden):
         logits = (self.embedding.project_to_vocabulary(hidden) if self.head is None
-                  else self.head(hidden))
+                  else call_sublayer(self.head, hidden))
         return ops.cast(logits, "float32")  # (batch, time, vocabulary_size), float32 under mixed precision
 
     def compile(self, optimizer=None, loss=None, metrics=None, jit_compile="auto", **kwargs):
