@@ -85,7 +85,7 @@ def worker(args, backend):
     keras.utils.set_random_seed(0)
     model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
     skip = set(filter(None, args.skip.split(",")))
-    run = {"backend": backend, "batches": []}
+    run = {"backend": backend, "load_average_at_start": round(os.getloadavg()[0], 2), "batches": []}
     sampling = dict(top_k=args.top_k, seed=0) if args.top_k else dict(temperature=0)
     if args.first_call_tokens and backend == "torch":
         run["first_call_short_s"] = first_call_short(args, sampling)
@@ -110,12 +110,14 @@ def worker(args, backend):
             start = time.perf_counter()
             method()
             first[name] = time.perf_counter() - start
+            print(f"batch {batch}: {name} first call {first[name]:.2f} s", file=sys.stderr, flush=True)
         times = {name: [] for name in methods}
         for _ in range(args.rounds):
             for name, method in methods.items():
                 start = time.perf_counter()
                 method()
                 times[name].append(time.perf_counter() - start)
+                print(f"batch {batch}: {name} {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
         median = {name: statistics.median(values) for name, values in times.items()}
         entry = {"batch_size": batch,
                  "first_call_s": {k: round(v, 3) for k, v in first.items()},

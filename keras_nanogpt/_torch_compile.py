@@ -112,8 +112,9 @@ class _Step:
         self.eager_steps = 0
         self.lock = threading.Lock()
 
-    def pays_to_compile(self, mode, remaining):
-        """Whether compiling now pays for itself under `mode`, with `remaining` tokens to go."""
+    def pays_to_compile(self, mode, remaining, expected_seconds):
+        """Whether compiling now pays for itself under `mode`, with `remaining` tokens to go and
+        `expected_seconds` of compilation."""
         if self.failed or mode == "never":
             return False
         if mode == "always":
@@ -121,7 +122,7 @@ class _Step:
         if not self.eager_steps:  # measure the eager rate first
             return False
         rate = self.eager_seconds / self.eager_steps
-        return self.eager_seconds + remaining * rate >= expected_compile_seconds(self.key)
+        return self.eager_seconds + remaining * rate >= expected_seconds
 
 
 class Decoder:
@@ -160,14 +161,15 @@ class Decoder:
         if step is None:
             step = self.steps.setdefault(signature, _Step(self._digest(signature)))
         last = min(end, int(limit.max()))  # this window's last slot that any row wants
+        expected = None if step.function or mode != "auto" else expected_compile_seconds(step.key)
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             if tokens.device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
-                for tensor in cache:
+                for tensor in weights + cache:
                     torch._dynamo.mark_static_address(tensor, guard=False)
             while True:
                 position = torch.tensor(index, dtype=torch.int32, device=tokens.device)
-                if step.function is None and step.pays_to_compile(mode, last - index):
+                if step.function is None and step.pays_to_compile(mode, last - index, expected):
                     self._compile(step, weights, tokens, cache, position, token, write, constants)
                 if step.function is not None:
                     tokens, tail, done, running, probabilities = step.function(
@@ -187,9 +189,9 @@ class Decoder:
                 token, seeds = self.parts.draw(probabilities, seeds)
                 index += 1
                 if index >= end:  # the window's last token: written without running the model
+                    last_slot = torch.tensor(index - 1, dtype=torch.int32, device=tokens.device)
                     tokens, tail, done = self.parts.commit(
-                        tokens, torch.tensor(index - 1, dtype=torch.int32, device=tokens.device), token, lengths, limit,
-                        tail, done, stops)
+                        tokens, last_slot, token, lengths, limit, tail, done, stops)
                     break
                 write = torch.tensor(True, device=tokens.device)
         return tokens, _pairs(cache), index, seeds, tail, done
@@ -257,14 +259,18 @@ def _compiled_step(model, step, num_weights, num_cache, example):
     graph = make_fx(flat_step)(*example)
     if example[0].device.type == "cuda":
         # CUDA graphs; the cache's buffers are static inputs (see `Decoder.__call__`).
-        for tensor in example[num_weights + 1:num_weights + 1 + num_cache]:
+        for tensor in example[:num_weights] + example[num_weights + 1:num_weights + 1 + num_cache]:
             torch._dynamo.mark_static_address(tensor, guard=False)
         compiled = torch.compile(graph, mode="reduce-overhead", fullgraph=True, dynamic=False)
     else:
         # TorchInductor without Dynamo (nothing left to trace, no guards to check at each token),
         # given fake inputs with a shape environment as Dynamo gives it: its on-disk caches need one.
+        # One thread for its C++ kernels: one token's attention and norms are a few microseconds of
+        # work, and OpenMP's barriers inside a kernel cost more (milliseconds on a busy machine);
+        # the matrix multiplies stay ATen's, on all of torch's threads.
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         compiled = torch._inductor.compile(
-            graph, [fake_mode.from_tensor(t, static_shapes=True) for t in example])
+            graph, [fake_mode.from_tensor(t, static_shapes=True) for t in example],
+            options={"cpp.threads": 1})
     compiled(*example)  # compiles now where compiling waits for a first call
     return compiled

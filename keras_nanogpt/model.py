@@ -189,6 +189,11 @@ class NanoGPT(keras.Model):
         if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
                 and not kwargs.get("run_eagerly") and self._distribute_strategy is None):
             jit_compile = True
+        if keras.backend.backend() == "torch":
+            from keras_nanogpt import _torch_training
+
+            jit_compile = _torch_training.jit_compile_choice(jit_compile)
+            _torch_training.warn_if_slow_bfloat16(self)
         super().compile(
             optimizer=keras.optimizers.Adam(1e-3) if optimizer is None else optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss is None else loss,
