@@ -12,10 +12,18 @@ call's time (compile + run), then alternates timed rounds of:
 - `nanogpt` (with `--nanogpt DIR`, a checkout of karpathy/nanoGPT whose `model.py` is imported, never
   copied): `GPT.generate` at the same configuration, in torch, same process.
 
+On PyTorch `cached` is what a user gets (the decode step compiled once the call's length pays for
+it, keras_nanogpt/_torch_compile.py); `cached_eager` runs the step eagerly (the path before issue 18)
+and `cached_compiled` compiles at once, its first call including the compilation (`compile_s`). With
+`--first-call-tokens N` a fresh model's first N-token call is timed by itself, the default choice
+against the eager path (`first_call_short_s`).
+
+Greedy decoding by default; `--top-k K` samples from the K most likely tokens on every side instead.
 Ratios compare medians measured side by side in the same process.
 
     python benchmarks/generate_speed.py --nanogpt ../nanoGPT
     python benchmarks/generate_speed.py --backends jax --batch-sizes 1 --rounds 5
+    python benchmarks/generate_speed.py --backends torch --top-k 40 --first-call-tokens 50 --nanogpt ../nanoGPT
 """
 
 import argparse
@@ -39,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
     parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
     parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: greedy)")
+    parser.add_argument("--first-call-tokens", type=int, default=None,
+                        help="also time a fresh model's first call of this many tokens")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -50,6 +61,7 @@ def main():
         return
     results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
                "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+               "sampling": f"top_k={args.top_k}" if args.top_k else "greedy",
                "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
                "load_average_at_start": round(os.getloadavg()[0], 2), "runs": []}
     for backend in args.backends.split(","):
@@ -73,14 +85,24 @@ def worker(args, backend):
     keras.utils.set_random_seed(0)
     model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
     skip = set(filter(None, args.skip.split(",")))
-    run = {"backend": backend, "batches": []}
+    run = {"backend": backend, "load_average_at_start": round(os.getloadavg()[0], 2), "batches": []}
+    sampling = dict(top_k=args.top_k, seed=0) if args.top_k else dict(temperature=0)
+    if args.first_call_tokens and backend == "torch":
+        run["first_call_short_s"] = first_call_short(args, sampling)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         prompt = np.random.default_rng(0).integers(1, VOCABULARY, (batch, args.prompt_length)).astype("int32")
-        methods = {"cached": lambda p=prompt: model.generate(p, args.new_tokens, temperature=0)}
+        methods = {"cached": lambda p=prompt: model.generate(p, args.new_tokens, **sampling)}
+        if backend == "torch":
+            methods["cached_eager"] = torch_mode("never", lambda p=prompt: model.generate(
+                p, args.new_tokens, **sampling))
+            compiled = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)  # its own compiled steps
+            compiled.set_weights(model.get_weights())
+            methods["cached_compiled"] = torch_mode("always", lambda p=prompt: compiled.generate(
+                p, args.new_tokens, **sampling))
         if "recompute" not in skip:
             methods["recompute"] = recompute_loop(model, prompt, args.new_tokens)
         if "keras_hub" not in skip:
-            methods["keras_hub"] = keras_hub_generate(prompt, args.new_tokens)
+            methods["keras_hub"] = keras_hub_generate(prompt, args.new_tokens, args.top_k)
         if args.nanogpt and "nanogpt" not in skip:
             methods["nanogpt"] = nanogpt_generate(args, prompt, args.new_tokens)
         first = {}
@@ -88,20 +110,64 @@ def worker(args, backend):
             start = time.perf_counter()
             method()
             first[name] = time.perf_counter() - start
+            print(f"batch {batch}: {name} first call {first[name]:.2f} s", file=sys.stderr, flush=True)
         times = {name: [] for name in methods}
         for _ in range(args.rounds):
             for name, method in methods.items():
                 start = time.perf_counter()
                 method()
                 times[name].append(time.perf_counter() - start)
+                print(f"batch {batch}: {name} {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
         median = {name: statistics.median(values) for name, values in times.items()}
         entry = {"batch_size": batch,
                  "first_call_s": {k: round(v, 3) for k, v in first.items()},
                  "ms": {k: round(v * 1000, 1) for k, v in median.items()},
                  "tokens_per_s": {k: round(batch * args.new_tokens / v, 1) for k, v in median.items()}}
-        entry["speedup_of_cached"] = {k: round(v / median["cached"], 2) for k, v in median.items() if k != "cached"}
+        for name in ("cached", "cached_compiled"):
+            if name in median:
+                entry[f"speedup_of_{name}"] = {k: round(v / median[name], 2) for k, v in median.items()
+                                               if not k.startswith("cached")}
+        if backend == "torch":
+            from keras_nanogpt import _torch_compile
+
+            entry["compilations"] = list(_torch_compile.compile_log)
         run["batches"].append(entry)
+    run["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return run
+
+
+def torch_mode(mode, method):
+    """`method` run with KERAS_NANOGPT_TORCH_COMPILE set to `mode` (PyTorch's compile choice)."""
+    def run():
+        previous = os.environ.get("KERAS_NANOGPT_TORCH_COMPILE")
+        os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = mode
+        try:
+            return method()
+        finally:
+            if previous is None:
+                del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+            else:
+                os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = previous
+
+    return run
+
+
+def first_call_short(args, sampling):
+    """Seconds of a fresh model's first call of `--first-call-tokens` tokens at batch 1: the default
+    choice ("auto") against the eager step ("never"), alternating fresh models, the best of 3 each."""
+    import numpy as np
+
+    import keras_nanogpt as kn
+
+    prompt = np.random.default_rng(0).integers(1, VOCABULARY, (1, args.prompt_length)).astype("int32")
+    times = {"auto": [], "eager": []}
+    for _ in range(3):
+        for name, mode in (("auto", "auto"), ("eager", "never")):
+            model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
+            start = time.perf_counter()
+            torch_mode(mode, lambda: model.generate(prompt, args.first_call_tokens, **sampling))()
+            times[name].append(time.perf_counter() - start)
+    return {"tokens": args.first_call_tokens, **{k: round(min(v), 3) for k, v in times.items()}}
 
 
 def recompute_loop(model, prompt, new_tokens):
@@ -121,7 +187,7 @@ def recompute_loop(model, prompt, new_tokens):
     return run
 
 
-def keras_hub_generate(prompt, new_tokens):
+def keras_hub_generate(prompt, new_tokens, top_k=None):
     import keras_hub
     import numpy as np
 
@@ -129,7 +195,7 @@ def keras_hub_generate(prompt, new_tokens):
                                              hidden_dim=WIDTH, intermediate_dim=4 * WIDTH,
                                              max_sequence_length=CONTEXT)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    causal_lm.compile(sampler="greedy")
+    causal_lm.compile(sampler=keras_hub.samplers.TopKSampler(k=top_k, seed=0) if top_k else "greedy")
     length = prompt.shape[1] + new_tokens
     padded = {"token_ids": np.pad(prompt, ((0, 0), (0, new_tokens))),
               "padding_mask": np.arange(length)[None, :].repeat(prompt.shape[0], 0) < prompt.shape[1]}
@@ -149,7 +215,7 @@ def nanogpt_generate(args, prompt, new_tokens):
 
     def run():
         with torch.no_grad():
-            return model.generate(ids, new_tokens, temperature=1.0, top_k=1)
+            return model.generate(ids, new_tokens, temperature=1.0, top_k=args.top_k or 1)
 
     return run
 

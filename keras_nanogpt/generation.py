@@ -30,6 +30,7 @@ window starts the search afresh from the best row so far).
 """
 
 import numbers
+import typing
 
 import keras
 import numpy as np
@@ -450,7 +451,8 @@ class _Compiled:
         self.model = model
         self.samplers = {}
         self.functions = {}
-        self.traces = 0  # traces (JAX, TensorFlow) or builds (PyTorch) of the functions below
+        self.steps = {}  # PyTorch: compiled decode steps by sampler kind and shapes (_torch_compile)
+        self.traces = 0  # traces (JAX, TensorFlow) or compilations (PyTorch) of the functions below
 
     def sampler(self, sampler, temperature, top_k, top_p):
         """`(sampler, temperature)`: a keras-hub sampler (the same object for the same settings,
@@ -481,9 +483,9 @@ class _Compiled:
             self.samplers[key] = make()
         return self.samplers[key], temperature or 1.0
 
-    def _function(self, key, build):
+    def _function(self, key, make):
         if key not in self.functions:
-            self.functions[key] = _compile(self.model, build(), self._count_trace)
+            self.functions[key] = make()
         return self.functions[key]
 
     def _count_trace(self):
@@ -495,19 +497,19 @@ class _Compiled:
             return cache
         length = min(ops.shape(cache[0][0])[-1], _bucket(index - 1))
         model = self.model
-        prefill = self._function("prefill", lambda: lambda t, c: model.call_with_cache(t, c, 0)[2])
+        prefill = self._function("prefill", lambda: _compile(
+            model, lambda t, c: model.call_with_cache(t, c, 0)[2], self._count_trace))
         return prefill(tokens[:, :length], cache)
 
     def decode(self, sampler, arguments):
-        return self._function(("decode", sampler), lambda: _decode_function(self.model, sampler))(
-            **arguments)
+        return self._function(("decode", sampler), lambda: _compile_decode(self, sampler))(**arguments)
 
     def search(self, sampler, stops, tokens, lengths, index, bias):
         # keras-hub's search loops stop early on single-token stop ids only; longer stop sequences
         # are cut afterwards.
         stop_ids = tuple(sorted(stop[0] for stop in stops if len(stop) == 1)) or None
-        function = self._function(("search", sampler, stop_ids),
-                                  lambda: _search_function(self.model, sampler, stop_ids))
+        function = self._function(("search", sampler, stop_ids), lambda: _compile(
+            self.model, _search_function(self.model, sampler, stop_ids), self._count_trace))
         return np.asarray(ops.convert_to_numpy(function(tokens, lengths, np.array(index, "int32"), bias)))
 
 
@@ -515,23 +517,13 @@ def _decode_function(model, sampler):
     """The decode loop: from `index` until `end`, or until every row is done or met a stop."""
 
     def decode(tokens, cache, index, end, lengths, limit, seeds, tail, done, stops, temperature, bias):
-        batch = ops.shape(tokens)[0]
-        matching = ops.shape(stops)[0] > 0
-
         def cond(tokens, cache, index, seeds, tail, done):
-            running = ops.logical_not(ops.all(ops.logical_or(done, index >= limit)))
-            return ops.logical_and(index < end, running)
+            return ops.logical_and(index < end, _running(index, limit, done))
 
         def body(tokens, cache, index, seeds, tail, done):
-            fed = ops.slice(tokens, [0, index - 1], [batch, 1])
-            logits, _, cache = model.call_with_cache(fed, cache, index - 1)
-            token, seeds = _sample(sampler, logits[:, 0] / temperature + bias, seeds)
-            generated = index >= lengths  # (batch,) False where the prompt has a token here
-            token = ops.where(generated, token, ops.slice(tokens, [0, index], [batch, 1])[:, 0])
-            tokens = ops.slice_update(tokens, [0, index], token[:, None])
-            if matching:
-                tail, done = _match_stops(tail, done, token, ops.logical_and(generated, index < limit),
-                                          stops)
+            logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
+            token, seeds = _sample(sampler, logits, seeds)
+            tokens, tail, done = _commit(tokens, index, token, lengths, limit, tail, done, stops)
             return tokens, cache, index + 1, seeds, tail, done
 
         return ops.while_loop(cond, body, (tokens, cache, index, seeds, tail, done))
@@ -539,11 +531,70 @@ def _decode_function(model, sampler):
     return decode
 
 
+class _TokenStep(typing.NamedTuple):
+    """The decode loop's body as parts, for a backend that compiles one token's step (PyTorch).
+
+    `step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias)`
+    writes `token` at slot `index - 1` where `write` (a boolean scalar) holds and the row's prompt
+    has no token there, runs the model on slot `index - 1`, and returns `(tokens, cache, tail, done,
+    running, probabilities)`: `running`, whether some row still wants slot `index`, and the
+    sampler's probabilities for it. `draw(probabilities, seeds)` gives `(tokens, seeds)`; `commit`
+    is `_commit`.
+    """
+
+    step: typing.Callable
+    draw: typing.Callable
+    commit: typing.Callable
+
+
+def _token_step(model, sampler):
+    """The `_TokenStep` of the decode loop for `sampler`."""
+
+    def step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias):
+        tokens, tail, done = _commit(tokens, index - 1, token, lengths, limit, tail, done, stops, write)
+        logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
+        probabilities = sampler.compute_probabilities(logits)
+        return tokens, cache, tail, done, _running(index, limit, done), probabilities
+
+    return _TokenStep(step, lambda probabilities, seeds: _draw(sampler, probabilities, seeds), _commit)
+
+
+def _next_logits(model, tokens, cache, index, temperature, bias):
+    """The logits for slot `index` (divided by `temperature`, plus `bias`): the model run on each row's
+    token at `index - 1`, which also goes into the cache. Returns `(logits, cache)`."""
+    fed = ops.take(tokens, ops.reshape(index - 1, (1,)), axis=1)  # (batch, 1)
+    logits, _, cache = model.call_with_cache(fed, cache, index - 1)
+    return logits[:, 0] / temperature + bias, cache
+
+
+def _commit(tokens, index, token, lengths, limit, tail, done, stops, write=None):
+    """Write `token` at slot `index` in the rows whose prompt has no token there (and where `write`),
+    and mark the rows whose new tokens now end with a stop sequence. Returns `(tokens, tail, done)`."""
+    generated = index >= lengths  # (batch,) False where the prompt has a token here
+    if write is not None:
+        generated = ops.logical_and(generated, write)
+    token = ops.where(generated, token, ops.take(tokens, index, axis=1))
+    tokens = ops.slice_update(tokens, [0, index], token[:, None])
+    if ops.shape(stops)[0] > 0:
+        tail, done = _match_stops(tail, done, token, ops.logical_and(generated, index < limit), stops)
+    return tokens, tail, done
+
+
+def _running(index, limit, done):
+    """Whether some row has not met a stop and still wants a token at slot `index`."""
+    return ops.logical_not(ops.all(ops.logical_or(done, index >= limit)))
+
+
 def _sample(sampler, logits, seeds):
     """One token per row from the keras-hub sampler, its seed generators' state passed in and out."""
+    return _draw(sampler, sampler.compute_probabilities(logits), seeds)
+
+
+def _draw(sampler, probabilities, seeds):
+    """The sampler's tokens for `probabilities`, its seed generators' state passed in and out."""
     variables = sampler.variables
     with keras.StatelessScope(state_mapping=list(zip(variables, seeds))) as scope:
-        token = sampler.get_next_token(sampler.compute_probabilities(logits))
+        token = sampler.get_next_token(probabilities)
     return ops.cast(token, "int32"), [scope.get_current_value(v) for v in variables]
 
 
@@ -587,17 +638,31 @@ def _search_function(model, sampler, stop_ids):
 # Backend-specific compilation: the one place that knows which backend runs.
 # ---------------------------------------------------------------------------------------------
 
+def _compile_decode(compiled, sampler):
+    """The decode loop for `sampler`, compiled for the backend (see `_compile`).
+
+    PyTorch: a Python loop over one token's step, which `_torch_compile.Decoder` runs eagerly or
+    compiled by TorchInductor, whichever the call's length pays for; its compiled steps are shared
+    by the model's samplers (`compiled.steps`).
+    """
+    if keras.backend.backend() == "torch":
+        from keras_nanogpt import _torch_compile
+
+        return _torch_compile.Decoder(compiled.model, sampler, _token_step(compiled.model, sampler),
+                                      compiled.steps, compiled._count_trace)
+    return _compile(compiled.model, _decode_function(compiled.model, sampler), compiled._count_trace)
+
+
 def _compile(model, function, on_trace):
     """`function` compiled for the backend, taking the model's weights as arguments.
 
     JAX: `jax.jit` of a stateless function whose first argument is the weights (as keras-hub's
     `CausalLM.generate` does). TensorFlow: `tf.function(jit_compile=True)`, weights likewise passed
-    in. PyTorch (and any other backend): run eagerly, without autograd; the Python loop calls
-    keras' ops step by step.
+    in. PyTorch (and any other backend): run eagerly, without autograd (prefill and search
+    samplers; the decode loop is `_compile_decode`'s).
     """
     backend = keras.backend.backend()
     if backend not in ("jax", "tensorflow"):
-        on_trace()
 
         def run(*args, **kwargs):
             args, kwargs = keras.tree.map_structure(ops.convert_to_tensor, (args, kwargs))
