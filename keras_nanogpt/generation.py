@@ -383,10 +383,17 @@ def _stop_sequences(model, stop):
     return sequences
 
 
+def compiled_function(model, key, build):
+    """`build()` compiled for the backend (see `_compile`), made once per `key` and kept with the
+    model's generation functions (other modules' compiled model functions, e.g. scoring's)."""
+    return _compiled(model)._function(key, build)
+
+
 def _compiled(model):
-    """The model's `_Compiled` functions, made on first use and kept on the model."""
+    """The model's `_Compiled` functions, made on first use and kept on the model; made again when
+    the model's variables changed (LoRA enabled or merged, quantization)."""
     compiled = getattr(model, "_kn_generation", None)
-    if compiled is None:
+    if compiled is None or not compiled.current():
         compiled = _Compiled(model)
         object.__setattr__(model, "_kn_generation", compiled)  # not a tracked Keras attribute
     return compiled
@@ -397,6 +404,7 @@ class _Compiled:
 
     def __init__(self, model):
         self.model = model
+        self.variables = tuple(model.variables)  # the functions below take exactly these
         self.samplers = {}
         self.functions = {}
         self.traces = 0  # traces (JAX, TensorFlow) or builds (PyTorch) of the functions below
@@ -429,6 +437,12 @@ class _Compiled:
         if key not in self.samplers:
             self.samplers[key] = make()
         return self.samplers[key], temperature or 1.0
+
+    def current(self):
+        """Whether the model still has exactly the variables these functions were made for."""
+        variables = self.model.variables
+        return len(variables) == len(self.variables) and all(
+            a is b for a, b in zip(variables, self.variables))
 
     def _function(self, key, build):
         if key not in self.functions:
