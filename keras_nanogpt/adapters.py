@@ -14,7 +14,8 @@ and freezes every other weight (embeddings, norms, biases, the frozen kernels). 
 layer's kernel with its adapters merged in and zeroes the adapters when it loads; the model's
 `_LoRAAdapters` (an untracked attribute, which Keras's saving visits after the layers) also saves
 the adapters themselves and, when loading, puts them back and takes their product out of the merged
-kernel again. A saved LoRA model thus loads as it was: the same logits, the same adapters (training,
+kernel again (under mixed precision, where Keras rounds that merged kernel to bfloat16, it saves the
+float32 kernel too). A saved LoRA model thus loads as it was: the same logits, the same adapters (training,
 and its optimizer state, go on where they stopped), and a model without LoRA that loads the same
 weights gets the merged, fine-tuned kernels. `merge_lora(model)` folds the adapters into the kernels
 for good and drops them.

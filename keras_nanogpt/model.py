@@ -259,7 +259,7 @@ class NanoGPT(keras.Model):
             >>> model = NanoGPT(65, 64, 2, 2, 32)
             >>> model.enable_lora(4)
             >>> sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-            5120
+            4096
         """
         from keras_nanogpt import adapters
 
