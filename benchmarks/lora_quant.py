@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning, and int8 against float32, per backend, printing JSON.
 
-Model: nanoGPT's "baby" size (6 layers, 6 heads, 384 wide, context 256) on tinyshakespeare's 65
-characters, or with `--gpt2 DIR` a Hugging Face GPT-2 folder (`kn.convert.from_huggingface_gpt2`,
+Model: nanoGPT's "baby" size (6 layers, 6 heads, 384 wide, context 256; `--config nano`: 4/4/128,
+context 64), dropout 0, on tinyshakespeare's 65 characters, or with `--gpt2 DIR` a Hugging Face GPT-2 folder (`kn.convert.from_huggingface_gpt2`,
 its BPE tokenizer, windows of `--sequence-length` tokens). Every measurement runs in a process of its
 own, so that its peak resident memory (`ru_maxrss`, which includes the framework itself) is its own:
 
@@ -31,16 +31,16 @@ import sys
 import tempfile
 import time
 
-BABY = dict(num_layers=6, num_heads=6, hidden_dim=384, sequence_length=256, dropout=0.0)
 CORPUS = "tinyshakespeare"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--config", default="baby", choices=("nano", "baby"), help="the model's named size")
     parser.add_argument("--gpt2", help="a Hugging Face GPT-2 folder to fine-tune and quantize instead")
     parser.add_argument("--sequence-length", type=int, default=256, help="window length (GPT-2: <= 1024)")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3, help="fine-tuning steps before timing")
@@ -57,7 +57,7 @@ def main():
     if args.worker:
         print(json.dumps(WORKERS[args.worker[0]](args, *args.worker[1:])))
         return
-    results = {"model": args.gpt2 or dict(BABY, vocabulary=CORPUS), "date": time.strftime("%Y-%m-%d"),
+    results = {"model": args.gpt2 or f"{args.config} on {CORPUS} characters", "date": time.strftime("%Y-%m-%d"),
                "cpus": os.cpu_count(), "load_average_at_start": round(os.getloadavg()[0], 2),
                "settings": {k: v for k, v in vars(args).items() if k != "worker"}, "backends": {}}
     folder = tempfile.mkdtemp(prefix="lora_quant_")
@@ -126,7 +126,8 @@ def text_and_model(args):
     if args.gpt2:
         return text, kn.convert.from_huggingface_gpt2(args.gpt2, dropout=0.0)
     vectorizer = kn.data.make_vectorizer(text, level="char")
-    return text, kn.NanoGPT(vocabulary_size=vectorizer.vocabulary_size(), vectorizer=vectorizer, **BABY)
+    return text, kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
+                                             vectorizer=vectorizer, dropout=0.0)
 
 
 def windows(args, model, text):
@@ -144,14 +145,24 @@ def train(args, path):
     model.compile(optimizer=kn.training.nanogpt_optimizer(args.train_steps, warmup_steps=args.train_steps // 10))
     start = time.perf_counter()
     history = model.fit(train_ds.repeat(), steps_per_epoch=args.train_steps, epochs=1, verbose=0)
-    model.save(path, include_optimizer=False)
+    save_uncompiled(model, path)
     return {"steps": args.train_steps, "seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": round(history.history["loss"][-1], 4)}
 
 
+def save_uncompiled(model, path):
+    """The weights and config only: Keras 3 saves a compiled model's optimizer state in its .keras file
+    (`include_optimizer=False` is ignored for .keras), which would triple a float32 file."""
+    import keras_nanogpt as kn
+
+    serving = kn.NanoGPT.from_config(model.get_config())
+    serving.set_weights(model.get_weights())
+    serving.save(path)
+
+
 def convert(args, path):
     _, model = text_and_model(args)
-    model.save(path)
+    save_uncompiled(model, path)
     return {"converted": args.gpt2}
 
 
