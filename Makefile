@@ -8,7 +8,7 @@ BACKENDS ?= tensorflow jax torch
 export KERAS_HOME
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data chromium clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,17 @@ data:
 demo: install data
 	$(PY) examples/pride_prejudice.py
 
-test: install data
+# The playground's browser test drives Debian's Chromium (Playwright never downloads a browser here).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "tests/test_serve_browser.py needs Debian's chromium: sudo apt-get install chromium"; \
+	  fi; \
+	fi
+
+test: install data chromium
 	set -e; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend ==="; \
 	  start=$$(date +%s); \

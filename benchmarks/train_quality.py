@@ -1,21 +1,37 @@
-"""Validation loss against wall time: our shakespeare_char recipe and nanoGPT's, side by side, printing JSON.
+"""Validation loss against wall time: our recipes and nanoGPT's, side by side on the same batches, printing JSON.
 
-For each seed, both models train nanoGPT's shakespeare_char CPU recipe (see `examples/shakespeare_char.py`)
-in the same process, taking turns in chunks of `--eval-every` steps so a busy machine slows both alike.
-Before training and after every chunk both are scored on the same random validation batches from the last
-10% of the text (nanoGPT's `estimate_loss`: 200 batches of 12 windows, here one draw shared by both).
-nanoGPT runs its own `model.py` (imported from `--nanogpt DIR`, never copied) under a loop written here to
-match its `train.py`: random windows, AdamW from `configure_optimizers`, warmup + cosine learning rate,
-clipping 1.0. Training seconds include our first call's compilation and exclude scoring.
+For each seed, nanoGPT's own `model.py` (imported from `--nanogpt DIR`, never copied; trained by a loop
+written here to match its `train.py`: AdamW from `configure_optimizers`, warmup + cosine, clipping 1.0) and
+each of our `--recipes` train on shakespeare_char at nanoGPT's `--size` (nano: its CPU recipe, 4 layers,
+128 wide, context 64, batch 12, 2000 steps; baby: its GPU recipe, 6 layers, 384 wide, context 256,
+dropout 0.2, batch 64, 5000 steps) in the same process, taking turns in chunks of
+`--eval-every` steps so that a busy machine slows every side alike. Every side with the same batch size
+trains on the *same* windows in the same order (random offsets into the first 90% of the text, drawn from
+the seed), and all are scored before training and after every chunk on the same random validation batches
+from the last 10% (nanoGPT's `estimate_loss`: 200 batches of 12 windows). Training seconds include our
+first call's compilation and exclude scoring.
 
-The JSON has every curve (step, training seconds, validation loss), each side's loss after `--steps`, and
-each side's loss at the other's finishing time (interpolated along its curve): the equal-wall-time test.
+A recipe is a name, optionally with overrides after a colon (NanoGPT arguments, optimizer arguments, or
+`batch_size`), so one command runs a sweep:
 
-    python benchmarks/train_quality.py --nanogpt ../nanoGPT
     python benchmarks/train_quality.py --nanogpt ../nanoGPT --seeds 1337,1,2
+    python benchmarks/train_quality.py --no-nanogpt --target 1.905 --eval-every 100 \\
+        --recipes "modern" "modern:learning_rate=0.03" "modern:qk_norm=False,batch_size=24"
+
+- nanogpt: `examples/shakespeare_char.py` (the GPT-2 layout, `kn.training.nanogpt_optimizer`).
+- modern: the `nano-modern` (or `baby-modern`) configuration and `kn.training.muon_optimizer`, with their
+  defaults.
+
+On a GPU (`benchmarks/gpu.sh`), nanoGPT trains on CUDA, in bfloat16 autocast with `--mixed-precision`
+(as its train.py does there), and `--stop-at-target` ends each side once it reaches the target.
+
+The JSON has every curve (step, training seconds, validation loss), each side's loss after `--steps`,
+and each recipe's steps and seconds to the target: nanoGPT's loss after `--steps` on the same seed (or
+`--target`), linear between scoring points.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -27,24 +43,61 @@ import numpy as np
 
 from train_speed import nanogpt_model
 
-CONTEXT, WARMUP_STEPS, LEARNING_RATE, MIN_LEARNING_RATE = 64, 100, 1e-3, 1e-4  # the recipe
+WARMUP_STEPS, LEARNING_RATE, MIN_LEARNING_RATE = 100, 1e-3, 1e-4  # nanoGPT's recipes
+# nanoGPT's shakespeare_char recipes: on CPU (its README's command) and on GPU (the "baby GPT").
+SIZES = {"nano": dict(batch_size=12, steps=2000), "baby": dict(batch_size=64, steps=5000)}
+RECIPES = {"nanogpt": ("", "nanogpt_optimizer"), "modern": ("-modern", "muon_optimizer")}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt", required=True, help="path of a karpathy/nanoGPT checkout")
+    parser.add_argument("--nanogpt", help="path of a karpathy/nanoGPT checkout")
+    parser.add_argument("--no-nanogpt", action="store_true", help="ours only (give --target)")
+    parser.add_argument("--target", type=float, help="the loss to time (default: nanoGPT's after --steps)")
+    parser.add_argument("--recipes", nargs="+", default=["nanogpt", "modern"],
+                        help="NAME[:key=value,...]; names: " + ", ".join(RECIPES))
+    parser.add_argument("--size", default="nano", choices=tuple(SIZES), help="nanoGPT's CPU or GPU recipe")
     parser.add_argument("--seeds", default="1337", help="comma-separated; one run of each side per seed")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=250, help="steps per turn; both are scored after each")
+    parser.add_argument("--steps", type=int, help="default: the size's (2000 nano, 5000 baby)")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps per turn; all are scored after each")
     parser.add_argument("--eval-batches", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, help="default: the size's (12 nano, 64 baby)")
     parser.add_argument("--steps-per-execution", type=int, default=10)
+    parser.add_argument("--mixed-precision", action="store_true", help="ours in mixed_bfloat16, nanoGPT in autocast")
+    parser.add_argument("--stop-at-target", action="store_true", help="a side stops once it reaches the target")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
     args = parser.parse_args(argv)
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.steps <= WARMUP_STEPS or args.steps % args.eval_every:
         parser.error(f"--steps ({args.steps}) must exceed the {WARMUP_STEPS} warmup steps and be a multiple "
                      f"of --eval-every ({args.eval_every})")
+    if args.no_nanogpt == bool(args.nanogpt):
+        parser.error("give either --nanogpt DIR or --no-nanogpt")
+    if args.no_nanogpt and args.target is None:
+        parser.error("--no-nanogpt needs --target")
+    if args.stop_at_target and args.target is None:
+        parser.error("--stop-at-target needs --target")
+    args.recipes = [parse_recipe(spec, parser) for spec in args.recipes]
     return args
+
+
+def parse_recipe(spec, parser):
+    """`(spec, name, overrides)` from "NAME[:key=value,...]"; values are read as Python literals."""
+    import ast
+
+    name, _, rest = spec.partition(":")
+    if name not in RECIPES:
+        parser.error(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return spec, name, overrides
 
 
 def main():
@@ -54,129 +107,175 @@ def main():
     import keras_nanogpt as kn
 
     load_at_start = round(os.getloadavg()[0], 2)
+    if args.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
     text = kn.data.load_text("tinyshakespeare")
     runs = [run_seed(args, kn, text, int(seed)) for seed in args.seeds.split(",")]
+    sides = list(runs[0]["final_val_loss"])
     results = {
         "backend": keras.backend.backend(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
         "load_average_at_start": load_at_start, "load_average_at_end": round(os.getloadavg()[0], 2),
-        "steps": args.steps, "eval_batches": args.eval_batches, "batch_size": args.batch_size,
-        "peak_rss_mb_both_sides": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "mean": {key: round(float(np.mean([run[key] for run in runs])), 4)
-                 for key in ("ours_final_val_loss", "nanogpt_final_val_loss", "ours_at_nanogpt_finish",
-                             "nanogpt_at_our_finish", "ours_train_seconds", "nanogpt_train_seconds")},
+        "size": args.size, "steps": args.steps, "eval_batches": args.eval_batches, "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "command": " ".join(sys.argv),
+        "peak_rss_mb_all_sides": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "mean": {key: {side: mean([run[key][side] for run in runs]) for side in sides}
+                 for key in ("final_val_loss", "train_seconds", "seconds_to_target", "steps_to_target")},
         "runs": runs}
+    if "nanogpt (theirs)" in sides:  # with the default target, nanoGPT reaches it at its last step
+        theirs = results["mean"]["seconds_to_target"]["nanogpt (theirs)"]
+        results["mean"]["time_to_target_vs_nanogpt"] = {
+            side: None if seconds is None else round(seconds / theirs, 3)
+            for side, seconds in results["mean"]["seconds_to_target"].items()}
     print(json.dumps(results, indent=2))
 
 
+def mean(values):
+    return None if any(v is None for v in values) else round(float(np.mean(values)), 4)
+
+
 def run_seed(args, kn, text, seed):
-    """Both sides' curves for one seed, taking turns chunk by chunk."""
+    """Every side's curve for one seed, taking turns chunk by chunk."""
+    context = kn.CONFIGS[args.size]["sequence_length"]
     split = int(len(text) * 0.9)  # nanoGPT's prepare.py split, in characters
-    offsets = np.random.default_rng(seed).integers(0, len(text) - split - CONTEXT,
-                                                   size=(args.eval_batches, args.batch_size))
-    ours = OurRecipe(args, kn, text, split, seed, offsets)
-    theirs = NanoGPTRecipe(args, text, split, seed, offsets)
-    curves = {"ours": [(0, 0.0, round(ours.score(), 4))], "nanogpt": [(0, 0.0, round(theirs.score(), 4))]}
-    seconds = {"ours": 0.0, "nanogpt": 0.0}
+    index = {char: i for i, char in enumerate(sorted(set(text)))}  # nanoGPT's char vocabulary
+    ids = np.array([index[char] for char in text], dtype=np.int64)
+    train_ids, val_ids = ids[:split], ids[split:]
+    rng = np.random.default_rng(seed)
+    scoring = windows(val_ids, rng.integers(0, len(val_ids) - context, size=args.eval_batches * 12), context)
+
+    def batches(batch_size):  # the same windows for every side with this batch size
+        starts = np.random.default_rng([seed, batch_size]).integers(
+            0, len(train_ids) - context, size=args.steps * batch_size)
+        return windows(train_ids, starts, context)
+
+    sides = {}
+    if args.nanogpt:
+        sides["nanogpt (theirs)"] = NanoGPTRecipe(args, len(index), seed, batches(args.batch_size))
+    for spec, name, overrides in args.recipes:
+        batch_size = overrides.get("batch_size", args.batch_size)
+        sides[spec] = OurRecipe(args, kn, text, name, overrides, seed, batches(batch_size), batch_size)
+    curves = {side: [(0, 0.0, round(recipe.score(*scoring), 4))] for side, recipe in sides.items()}
+    seconds = dict.fromkeys(sides, 0.0)
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
-        for name, side in (("ours", ours), ("nanogpt", theirs)):
+        for side, recipe in sides.items():
+            if args.stop_at_target and curves[side][-1][2] <= args.target:
+                continue
             start = time.perf_counter()
-            side.train(args.eval_every)
-            seconds[name] += time.perf_counter() - start
-            curves[name].append((step, round(seconds[name], 2), round(side.score(), 4)))
-        print(f"seed {seed} step {step}: ours {curves['ours'][-1][1:]}, nanoGPT {curves['nanogpt'][-1][1:]}",
+            recipe.train(step - args.eval_every, step)
+            seconds[side] += time.perf_counter() - start
+            curves[side].append((step, round(seconds[side], 2), round(recipe.score(*scoring), 4)))
+        print(f"seed {seed} step {step}: " + ", ".join(f"{side} {curve[-1][1:]}" for side, curve in curves.items()),
               file=sys.stderr, flush=True)
-    return {"seed": seed,
-            "ours_final_val_loss": curves["ours"][-1][2], "nanogpt_final_val_loss": curves["nanogpt"][-1][2],
-            "ours_train_seconds": curves["ours"][-1][1], "nanogpt_train_seconds": curves["nanogpt"][-1][1],
-            "ours_at_nanogpt_finish": loss_at(curves["ours"], curves["nanogpt"][-1][1]),
-            "nanogpt_at_our_finish": loss_at(curves["nanogpt"], curves["ours"][-1][1]),
-            "curves": {name: [list(point) for point in curve] for name, curve in curves.items()}}
+    target = args.target if args.target is not None else curves["nanogpt (theirs)"][-1][2]
+    crossings = {side: crossing(curve, target) for side, curve in curves.items()}
+    return {"seed": seed, "target": target,
+            "final_val_loss": {side: curve[-1][2] for side, curve in curves.items()},
+            "final_step": {side: curve[-1][0] for side, curve in curves.items()},
+            "train_seconds": {side: curve[-1][1] for side, curve in curves.items()},
+            "steps_to_target": {side: point and point[0] for side, point in crossings.items()},
+            "seconds_to_target": {side: point and point[1] for side, point in crossings.items()},
+            "curves": {side: [list(point) for point in curve] for side, curve in curves.items()}}
 
 
-def loss_at(curve, seconds):
-    """The loss along `curve` ((step, seconds, loss) points) at `seconds`, linear between points; a run
-    that finished earlier keeps its final loss."""
-    times, losses = [p[1] for p in curve], [p[2] for p in curve]
-    return round(float(np.interp(seconds, times, losses)), 4)
+def crossing(curve, target):
+    """`(step, seconds)` where `curve` ((step, seconds, loss) points) first reaches `target`, linear
+    between the points around it; None if it never does."""
+    for (step0, time0, loss0), (step1, time1, loss1) in zip(curve, curve[1:]):
+        if loss1 <= target:
+            share = 1.0 if loss0 == loss1 else (loss0 - target) / (loss0 - loss1)
+            return round(step0 + share * (step1 - step0), 1), round(time0 + share * (time1 - time0), 2)
+    return None
 
 
 class OurRecipe:
-    """`examples/shakespeare_char.py`'s model, data and optimiser, trained a chunk at a time."""
+    """One of our recipes: its model and optimizer, trained on given windows a chunk at a time."""
 
-    def __init__(self, args, kn, text, split, seed, offsets):
+    def __init__(self, args, kn, text, name, overrides, seed, data, batch_size):
         import keras
 
+        suffix, optimizer_name = RECIPES[name]
+        config = args.size + suffix
+        make_optimizer = getattr(kn.training, optimizer_name)
+        optimizer_keys = set(inspect.signature(make_optimizer).parameters)
+        unknown = set(overrides) - optimizer_keys - set(inspect.signature(kn.NanoGPT).parameters) - {"batch_size"}
+        if unknown:
+            raise SystemExit(f"recipe {name}: unknown overrides {sorted(unknown)}")
         keras.utils.set_random_seed(seed)
         vectorizer = kn.data.make_vectorizer(text, level="char")
-        self.model = kn.NanoGPT.from_config_name("nano", vocabulary_size=vectorizer.vocabulary_size(),
-                                                 vectorizer=vectorizer)
-        train, _ = kn.data.make_datasets(text, vectorizer, CONTEXT, args.batch_size, validation_split=0.1,
-                                         sampling="random", seed=seed)
-        self.train_data, self.epoch = train.repeat(), 0
-        self.model.compile(optimizer=kn.training.nanogpt_optimizer(total_steps=args.steps),
-                           steps_per_execution=args.steps_per_execution)
-        validation_text = text[split:]
-        ids = kn.data.encode(vectorizer, validation_text)
-        assert len(ids) == len(validation_text), "a character vectorizer gives one id per character"
-        self.x, self.y, self.batch_size = *windows(ids, offsets), args.batch_size
+        self.model = kn.NanoGPT.from_config_name(
+            config, vocabulary_size=vectorizer.vocabulary_size(), vectorizer=vectorizer,
+            **{k: v for k, v in overrides.items() if k not in optimizer_keys | {"batch_size"}})
+        optimizer = make_optimizer(total_steps=args.steps, **{k: v for k, v in overrides.items() if k in optimizer_keys})
+        self.model.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
+        # nanoGPT's id of a character (its rank in sorted order) -> ours (frequency order, after padding
+        # and out-of-vocabulary ids).
+        self.ours = kn.data.encode(vectorizer, "".join(sorted(set(text)))).astype("int32")
+        self.x, self.y = self.ours[data[0]], self.ours[data[1]]
+        self.batch_size = batch_size
 
-    def train(self, steps):
-        self.model.fit(self.train_data, steps_per_epoch=steps, initial_epoch=self.epoch,
-                       epochs=self.epoch + 1, verbose=0)
-        self.epoch += 1
+    def train(self, start, end):
+        rows = slice(start * self.batch_size, end * self.batch_size)
+        self.model.fit(self.x[rows], self.y[rows], batch_size=self.batch_size, shuffle=False, verbose=0)
 
-    def score(self):
-        return float(self.model.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0)[0])
+    def score(self, x, y):
+        return float(self.model.evaluate(self.ours[x], self.ours[y], batch_size=12, verbose=0)[0])
 
 
 class NanoGPTRecipe:
     """nanoGPT's model and optimiser under a loop matching its `train.py` for the CPU recipe."""
 
-    def __init__(self, args, text, split, seed, offsets):
-        self.torch, self.model, self.optimizer = nanogpt_model(
-            args.nanogpt, CONTEXT, vocabulary_size=len(set(text)), num_layers=4, num_heads=4, hidden_dim=128,
-            threads=args.threads, seed=seed)
-        index = {char: i for i, char in enumerate(sorted(set(text)))}  # nanoGPT's char vocabulary
-        ids = np.array([index[char] for char in text], dtype=np.int64)
-        self.train_ids, self.batch_size, self.total_steps, self.step = ids[:split], args.batch_size, args.steps, 0
-        self.x, self.y = windows(ids[split:], offsets)
+    def __init__(self, args, vocabulary_size, seed, data):
+        import keras_nanogpt as kn
 
-    def learning_rate(self):
-        """Linear warmup over the first 100 steps, then cosine down to the floor at the last step."""
-        if self.step < WARMUP_STEPS:
-            return LEARNING_RATE * (self.step + 1) / (WARMUP_STEPS + 1)
-        progress = (self.step - WARMUP_STEPS) / (self.total_steps - WARMUP_STEPS)
+        size = kn.CONFIGS[args.size]
+        self.torch, self.model, self.optimizer = nanogpt_model(
+            args.nanogpt, size["sequence_length"], vocabulary_size=vocabulary_size,
+            num_layers=size["num_layers"], num_heads=size["num_heads"], hidden_dim=size["hidden_dim"],
+            threads=args.threads, seed=seed, dropout=size["dropout"])
+        torch = self.torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=args.mixed_precision)
+        self.x, self.y = (torch.from_numpy(array).to(self.device) for array in data)
+        self.batch_size, self.total_steps = args.batch_size, args.steps
+
+    def learning_rate(self, step):
+        """nanoGPT's `get_lr`: linear warmup over the first 100 steps, then cosine down to the floor."""
+        if step < WARMUP_STEPS:
+            return LEARNING_RATE * (step + 1) / (WARMUP_STEPS + 1)
+        progress = (step - WARMUP_STEPS) / (self.total_steps - WARMUP_STEPS)
         return MIN_LEARNING_RATE + 0.5 * (1 + math.cos(math.pi * progress)) * (LEARNING_RATE - MIN_LEARNING_RATE)
 
-    def train(self, steps):
+    def train(self, start, end):
         torch = self.torch
-        for _ in range(steps):
-            starts = torch.randint(len(self.train_ids) - CONTEXT, (self.batch_size,)).numpy()
-            x, y = (torch.from_numpy(array) for array in windows(self.train_ids, starts[None]))
+        for step in range(start, end):
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate()
-            _, loss = self.model(x, y)
+                group["lr"] = self.learning_rate(step)
+            with self.autocast:
+                _, loss = self.model(self.x[rows], self.y[rows])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
-    def score(self):
+    def score(self, x, y):
         torch = self.torch
         self.model.eval()
-        with torch.no_grad():
-            losses = [self.model(torch.from_numpy(x), torch.from_numpy(y))[1].item()
-                      for x, y in zip(np.split(self.x, len(self.x) // self.batch_size),
-                                      np.split(self.y, len(self.y) // self.batch_size))]
+        with torch.no_grad(), self.autocast:
+            losses = [self.model(torch.from_numpy(xb).to(self.device), torch.from_numpy(yb).to(self.device))[1].item()
+                      for xb, yb in zip(np.split(x, len(x) // 12), np.split(y, len(y) // 12))]
         self.model.train()
         return float(np.mean(losses))
 
 
-def windows(ids, offsets):
-    """`(inputs, targets)` of shape `(offsets.size, CONTEXT)`: the windows starting at `offsets`, in order."""
-    starts = np.asarray(offsets).reshape(-1, 1) + np.arange(CONTEXT + 1)
-    chunks = ids[starts]
+def windows(ids, starts, context):
+    """`(inputs, targets)` of shape `(len(starts), context)`: the windows starting at `starts`, in order."""
+    rows = np.asarray(starts).reshape(-1, 1) + np.arange(context + 1)
+    chunks = ids[rows]
     return np.ascontiguousarray(chunks[:, :-1]), np.ascontiguousarray(chunks[:, 1:])
 
 

@@ -136,7 +136,7 @@ def worker(args, backend, precision, jit):
 
 
 def nanogpt_model(nanogpt_dir, sequence_length, vocabulary_size, num_layers, num_heads, hidden_dim,
-                  threads=2, seed=0):
+                  threads=2, seed=0, dropout=0.0):
     """nanoGPT's GPT (from `nanogpt_dir/model.py`) at the recipe's settings and its AdamW
     (`configure_optimizers`: decay 0.1 on 2-D weights, lr 1e-3, betas (0.9, 0.99)).
 
@@ -150,7 +150,7 @@ def nanogpt_model(nanogpt_dir, sequence_length, vocabulary_size, num_layers, num
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     config = GPTConfig(block_size=sequence_length, vocab_size=vocabulary_size, n_layer=num_layers,
-                       n_head=num_heads, n_embd=hidden_dim, dropout=0.0, bias=False)
+                       n_head=num_heads, n_embd=hidden_dim, dropout=dropout, bias=False)
     with contextlib.redirect_stdout(sys.stderr):  # its reports would spoil the JSON on stdout
         model = GPT(config)
         optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")

@@ -27,7 +27,9 @@ def parse_args():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--hidden-dim", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--recipe", default="modern", choices=tuple(kn.training.RECIPES),
+                        help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon; nanogpt: GPT-2's layout and AdamW")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak (default: the recipe's)")
     parser.add_argument("--strategy", default="none",
                         help="none, mirrored, tpu, data-parallel, model-parallel or multi-host")
     parser.add_argument("--seed", type=int, default=1337)
@@ -49,13 +51,12 @@ def main():
 
     eval_every = min(args.eval_every, args.steps)
     with strategy:  # build, compile and fit inside: each process reads its own shard of every batch
+        architecture = kn.model.MODERN if args.recipe == "modern" else {}
         model = kn.NanoGPT(vocabulary_size=vectorizer.vocabulary_size(),
                            sequence_length=args.sequence_length, num_layers=args.layers,
                            num_heads=args.heads, hidden_dim=args.hidden_dim, dropout=args.dropout,
-                           vectorizer=vectorizer)
-        model.compile(optimizer=kn.training.nanogpt_optimizer(
-            total_steps=args.steps, learning_rate=args.learning_rate,
-            min_learning_rate=args.learning_rate / 10, warmup_steps=min(100, args.steps // 10)))
+                           vectorizer=vectorizer, **architecture)
+        model.compile(optimizer=kn.training.optimizer_for(args.recipe, args.steps, args.learning_rate))
         model.summary()
         sampler = kn.callbacks.TextGenerationCallback("It is a truth", max_new_tokens=120,
                                                       temperature=0.8, top_k=40, seed=args.seed)

@@ -1,4 +1,4 @@
-"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench.
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench, serve.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
     keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
@@ -6,6 +6,7 @@
     keras-nanogpt evaluate pride.keras --text pride_and_prejudice
     keras-nanogpt export pride.keras serving/
     keras-nanogpt bench --backends tensorflow --precisions fp32
+    keras-nanogpt serve pride.keras --port 8000
 
 Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback).
 """
@@ -48,9 +49,11 @@ def build_parser():
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps in all (rounded up to --checkpoint-every)")
     length.add_argument("--epochs", type=int, help="passes over the training windows")
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--recipe", default="nanogpt", choices=("adam", "nanogpt"),
-                       help="adam: plain Adam; nanogpt: AdamW, warmup + cosine, clipping")
+    train.add_argument("--learning-rate", type=float,
+                       help="peak learning rate (default: the recipe's; modern: Muon's)")
+    train.add_argument("--recipe", default="modern", choices=("modern", "nanogpt", "adam"),
+                       help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon (the default); nanogpt: GPT-2's "
+                            "layout, AdamW, warmup + cosine, clipping; adam: GPT-2's layout, plain Adam")
     train.add_argument("--validation-split", type=float, default=0.1)
     train.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16")
     train.add_argument("--strategy", default="none",
@@ -93,6 +96,21 @@ def build_parser():
     export.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model",))
 
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py)", add_help=False)
+
+    serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions API and a playground")
+    serve.add_argument("model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    serve.add_argument("--api-key", help="require this key (default: $KERAS_NANOGPT_API_KEY, else none)")
+    serve.add_argument("--name", help="the model's name in the API (default: the file name)")
+    serve.add_argument("--max-batch", type=int, default=32, help="rows in one decode batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429")
+    serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask")
+    serve.add_argument("--max-prompt-tokens", type=int, help="tokens in a prompt (default: the model's context)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size; more get 413")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="a free decoder starts a batch once no request came for this long")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
 
@@ -111,7 +129,8 @@ def main(argv=None):
         if argv[:1] == ["bench"]:
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export}[args.command](args)
+        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export,
+                "serve": serve}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -135,6 +154,7 @@ def train(args):
     strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
     every = args.checkpoint_every
+    architecture = kn.model.MODERN if args.recipe == "modern" else {}
     with strategy:
         if args.init:
             model, sequence_length = _initial_model(args), args.sequence_length
@@ -144,7 +164,8 @@ def train(args):
                 ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
                 ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
             model = kn.NanoGPT.from_config_name(args.config or "nano", vectorizer=vectorizer,
-                                                vocabulary_size=vectorizer.vocabulary_size(), **overrides)
+                                                vocabulary_size=vectorizer.vocabulary_size(),
+                                                **{**architecture, **overrides})
             sequence_length = None
         sequence_length = sequence_length or model.sequence_length
         train_ds, val_ds = kn.data.make_datasets(
@@ -156,11 +177,7 @@ def train(args):
         else:
             steps_per_epoch = every
             total_steps = math.ceil(args.steps / every) * every
-        optimizer = (kn.training.nanogpt_optimizer(total_steps, learning_rate=args.learning_rate,
-                                                   min_learning_rate=args.learning_rate / 10,
-                                                   warmup_steps=min(100, total_steps // 10))
-                     if args.recipe == "nanogpt" else keras.optimizers.Adam(args.learning_rate))
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=kn.training.optimizer_for(args.recipe, total_steps, args.learning_rate))
         callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * sequence_length, args.peak_flops)]
         if args.checkpoint_dir:
             # One epoch is --checkpoint-every steps; NanoGPT.save_weights writes the backup atomically.
@@ -241,7 +258,8 @@ def _check_train_arguments(args):
     if args.level is not None:
         check.check_choice("--level", args.level, kn.data.LEVELS)
     check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
-    check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
+    if args.learning_rate is not None:
+        check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
     check.check_float("--validation-split", args.validation_split, 0.0, 1.0, high_inclusive=False)
     if args.dropout is not None:
         check.check_float("--dropout", args.dropout, 0.0, 1.0, high_inclusive=False)
@@ -325,6 +343,16 @@ def export(args):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {args.model} to {target} ({args.format}); serve() maps int32 ids (batch, time) to logits")
     return 0
+
+
+def serve(args):
+    from keras_nanogpt.serve import run
+
+    return run(args.model, host=args.host, port=args.port, name=args.name,
+               api_key=args.api_key or os.environ.get("KERAS_NANOGPT_API_KEY") or None,
+               log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
+               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+               max_body_bytes=args.max_body_bytes, batch_wait_ms=args.batch_wait_ms)
 
 
 def bench(argv):

@@ -86,6 +86,7 @@ def to_huggingface_gpt2(model, directory):
     """
     if not isinstance(model, NanoGPT):
         raise TypeError(f"`model` must be a kn.NanoGPT; got {type(model).__name__}.")
+    _check_gpt2_layout(model)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a folder path; got {directory!r}.")
     quantized = {layer.quantization_mode for layer in model._flatten_layers()} - {None}
@@ -222,6 +223,20 @@ def _is_plain(value):
     if isinstance(value, dict):
         return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
     return isinstance(value, (str, int))
+
+
+def _check_gpt2_layout(model):
+    """Refuse a model whose layout GPT-2 and nanoGPT cannot hold (rotary positions, RMSNorm, ...)."""
+    differences = [f"{name}={value!r}" for name, value, gpt2 in (
+        ("position_embedding", model.position_embedding, "learned"), ("norm", model.norm, "layer"),
+        ("qk_norm", model.qk_norm, False)) if value != gpt2]
+    if model.activation not in _TO_HF_ACTIVATIONS:
+        differences.append(f"activation={model.activation!r}")
+    if differences:
+        raise ValueError(
+            f"GPT-2 and nanoGPT weights need the GPT-2 layout (position_embedding='learned', norm='layer', "
+            f"qk_norm=False, activation one of {sorted(_TO_HF_ACTIVATIONS)}); this model has "
+            f"{', '.join(differences)} (a modern configuration such as 'nano-modern').")
 
 
 def _weights(model):

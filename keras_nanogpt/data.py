@@ -334,6 +334,15 @@ def _hub():
 
 
 def _level(vectorizer):
+    """The vectorizer's level (cached on the layer: `decode` asks for it on every streamed token)."""
+    cached = getattr(vectorizer, "_kn_level", None)
+    if cached is None:
+        cached = _find_level(vectorizer)
+        object.__setattr__(vectorizer, "_kn_level", cached)
+    return cached
+
+
+def _find_level(vectorizer):
     _check_vectorizer(vectorizer)
     if isinstance(vectorizer, keras.layers.TextVectorization):
         return "char" if vectorizer.get_config()["split"] == "character" else "word"
@@ -396,12 +405,13 @@ def decode(vectorizer, ids):
         >>> decode(vectorizer, encode(vectorizer, "cab"))
         'cab'
     """
-    size = vocabulary_size(vectorizer)
+    level = _level(vectorizer)
+    # The cached vocabulary's length for char/word: asking the lookup table costs a TF op per call.
+    size = len(_vocabulary(vectorizer)) if level in ("char", "word") else vocabulary_size(vectorizer)
     ids = _validation.check_ids("ids", np.asarray(ids, dtype="int64").reshape(-1), size)
     padding, _ = _reserved_ids(vectorizer)
     if padding is not None:
         ids = ids[ids != padding]
-    level = _level(vectorizer)
     if level in ("char", "word"):
         tokens = _vocabulary_array(vectorizer)[ids]
         return ("" if level == "char" else " ").join(tokens)

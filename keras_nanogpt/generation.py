@@ -51,7 +51,7 @@ def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top
             `(batch, time)`. A prompt longer than the context is cropped from the left for the
             model (the output keeps all of it). Characters the vocabulary lacks become its
             out-of-vocabulary token, with a warning.
-        max_new_tokens: number of tokens to add (>= 0).
+        max_new_tokens: number of tokens to add (>= 0), or a list of them, one per prompt row.
         temperature: softmax temperature (> 0), or 0 for greedy decoding.
         top_k: sample only among the `top_k` most likely tokens (>= 1; None: all).
         top_p: sample only among the most likely tokens whose probabilities add up to `top_p`
@@ -86,6 +86,9 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
     still become a stop sequence is held back until it cannot. Token samplers yield each token as
     it is made, search samplers (beam, contrastive) once per context window.
 
+    Returns:
+        A `Stream`: an iterator of the pieces that can also end rows early (`Stream.cancel`).
+
     Yields:
         For a string prompt, strings. For a list of strings, lists with one string per prompt; for
         ids, lists with one 1-D int array of new ids per row (empty where nothing is new).
@@ -95,7 +98,47 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
         ...     print(piece, end="", flush=True)
     """
     job = _Job(model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop)
-    return _pieces(job)
+    return Stream(job)
+
+
+class Stream:
+    """The iterator `stream` returns; it can also end a row early and tell how each row ended.
+
+    Rows run in one batch: `cancel(row)` makes no more tokens for that row (it keeps what it has),
+    so the batch ends as soon as the other rows do. A server uses it when a client goes away.
+
+    Example:
+        >>> pieces = stream(model, ["It is", "He"], max_new_tokens=50)  # doctest: +SKIP
+        >>> first = next(pieces); pieces.cancel(1)  # row 0 goes on to 50 tokens, row 1 stops here
+    """
+
+    def __init__(self, job):
+        self._job = job
+        self._pieces = _pieces(job)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def cancel(self, row):
+        """Make no more tokens for prompt row `row`."""
+        self._job.stopped[row] = self._job.cancelled[row] = True
+
+    def token_count(self, row):
+        """How many new tokens the row has so far (stop sequences cut off)."""
+        return len(self._job.new_ids[row])
+
+    def finish_reason(self, row):
+        """None while the row runs; then "stop" (it met a stop sequence), "length" (it made its
+        `max_new_tokens`) or "cancelled"."""
+        job = self._job
+        if job.cancelled[row]:
+            return "cancelled"
+        if job.stopped[row]:
+            return "stop"
+        return "length" if len(job.new_ids[row]) == job.limits[row] else None
 
 
 def check_arguments(max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, sampler=None,
@@ -112,7 +155,10 @@ def check_arguments(max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
         >>> check_arguments(max_new_tokens=20, top_p=0.9)
         (20, 1.0, None, 0.9, None)
     """
-    max_new_tokens = _validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
+    if isinstance(max_new_tokens, (list, tuple)):  # one per prompt row
+        max_new_tokens = [_validation.check_int("max_new_tokens", m, minimum=0) for m in max_new_tokens]
+    else:
+        max_new_tokens = _validation.check_int("max_new_tokens", max_new_tokens, minimum=0)
     temperature = _validation.check_float("temperature", temperature, 0.0, float("inf"))
     if top_k is not None:
         top_k = _validation.check_int("top_k", top_k)
@@ -152,19 +198,24 @@ class _Job:
 
     def __init__(self, model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop):
         self.model = model
-        self.max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
+        max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
             max_new_tokens, temperature, top_k, top_p, sampler, seed)
         self.compiled = _compiled(model)
         self.sampler, self.temperature = self.compiled.sampler(sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
         self.stops = _stop_sequences(model, stop)
         self.batch = len(self.prompts)
+        if isinstance(max_new_tokens, list) and len(max_new_tokens) != self.batch:
+            raise ValueError(f"`max_new_tokens` holds {len(max_new_tokens)} numbers for {self.batch} "
+                             f"prompt rows; give one number, or one per row.")
+        self.limits = np.broadcast_to(np.array(max_new_tokens, "int32"), (self.batch,))  # per row
         self.new_ids = [[] for _ in self.prompts]
-        self.stopped = [False] * self.batch
+        self.stopped = [False] * self.batch    # met a stop sequence, or cancelled
+        self.cancelled = [False] * self.batch  # ended by `Stream.cancel`
 
     def run(self, stream):
         """Fill `self.new_ids`, yielding after each compiled call (each token when streaming)."""
-        if self.max_new_tokens == 0:
+        if not self.limits.any():
             return
         window = _Window(self)
         while True:
@@ -172,7 +223,7 @@ class _Job:
             window.advance(stream)
             self._collect(window, start)
             yield
-            if all(self.stopped[row] or len(self.new_ids[row]) == self.max_new_tokens
+            if all(self.stopped[row] or len(self.new_ids[row]) == self.limits[row]
                    for row in range(self.batch)):
                 return
             if window.full:
@@ -196,7 +247,7 @@ class _Job:
     def ready(self, row):
         """How many of the row's new tokens are final (cannot be the start of a stop sequence)."""
         ids = self.new_ids[row]
-        if self.stopped[row] or len(ids) == self.max_new_tokens:
+        if self.stopped[row] or len(ids) == self.limits[row]:
             return len(ids)
         held = max((k for stop in self.stops for k in range(1, len(stop))
                     if k <= len(ids) and tuple(ids[-k:]) == stop[:k]), default=0)
@@ -229,7 +280,7 @@ class _Window:
         context = job.model.sequence_length
         rows = [ids[-context:] for ids in job.prompts]
         self.lengths = np.array([len(ids) for ids in rows], "int32")  # prompt tokens in the window
-        self.limit = self.lengths + job.max_new_tokens               # where each row has all it needs
+        self.limit = self.lengths + job.limits                       # where each row has all it needs
         self.search = not _is_token_sampler(job.sampler)
         # The cache has `slots` positions; the window holds one token more (the newest token is
         # never fed back), except with search samplers, whose look-ahead feeds every slot.

@@ -6,9 +6,15 @@ Every layer uses `keras.ops` only, so the same code runs on the TensorFlow, JAX 
 import keras
 from keras import ops
 
+from keras_nanogpt import _validation
+
 
 def _serialize(initializer):
     return keras.initializers.serialize(keras.initializers.get(initializer))
+
+
+POSITION_EMBEDDINGS = ("learned", "rotary")
+NORMS = ("layer", "rms")
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
@@ -20,6 +26,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         sequence_length: the longest sequence (the number of learned positions).
         hidden_dim: width of the embedding vectors.
         embeddings_initializer: initializer of both tables (nanoGPT: normal, stddev 0.02).
+        position_embedding: "learned" (a table of `sequence_length` positions, GPT-2) or "rotary"
+            (no table here: `CausalSelfAttention` rotates queries and keys instead).
 
     Example:
         >>> layer = TokenAndPositionEmbedding(vocabulary_size=65, sequence_length=64, hidden_dim=32)
@@ -28,30 +36,36 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, vocabulary_size, sequence_length, hidden_dim,
-                 embeddings_initializer="random_normal", **kwargs):
+                 embeddings_initializer="random_normal", position_embedding="learned", **kwargs):
         super().__init__(**kwargs)
         self.vocabulary_size = int(vocabulary_size)
         self.sequence_length = int(sequence_length)
         self.hidden_dim = int(hidden_dim)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.position_embedding_type = _validation.check_choice("position_embedding", position_embedding,
+                                                     POSITION_EMBEDDINGS)
         # Keras's ReversibleEmbedding: the tied output projection stays right when quantized.
         self.token_embedding = keras.layers.ReversibleEmbedding(
             self.vocabulary_size, self.hidden_dim, tie_weights=True,
             embeddings_initializer=self.embeddings_initializer,
             dtype=self.dtype_policy, name="token_embedding")
-        self.position_embedding = keras.layers.Embedding(
+        self.position_embedding = None if position_embedding == "rotary" else keras.layers.Embedding(
             self.sequence_length, self.hidden_dim,
             embeddings_initializer=self.embeddings_initializer,
             dtype=self.dtype_policy, name="position_embedding")
 
     def build(self, input_shape=None):
         self.token_embedding.build()
-        self.position_embedding.build()
+        if self.position_embedding is not None:
+            self.position_embedding.build()
         self.built = True
 
     def call(self, token_ids, start_index=0):
+        embedded = self.token_embedding(token_ids)  # (batch, time, hidden_dim)
+        if self.position_embedding is None:
+            return embedded
         positions = ops.arange(ops.shape(token_ids)[1], dtype="int32") + start_index
-        return self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+        return embedded + self.position_embedding(positions)[None]
 
     def project_to_vocabulary(self, hidden):
         """Logits from hidden states with the (tied) token table: `hidden @ embeddings.T`
@@ -68,6 +82,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             sequence_length=self.sequence_length,
             hidden_dim=self.hidden_dim,
             embeddings_initializer=_serialize(self.embeddings_initializer),
+            position_embedding=self.position_embedding_type,
         )
         return config
 
@@ -84,16 +99,23 @@ class CausalSelfAttention(keras.layers.Layer):
         kernel_initializer: initializer of the QKV projection.
         output_kernel_initializer: initializer of the output projection (nanoGPT scales it
             by 1/sqrt(2 * num_layers)).
+        position_embedding: "learned" (positions arrive with the inputs) or "rotary" (queries and
+            keys are rotated by their absolute position, keras-hub's `RotaryEmbedding`).
+        qk_norm: RMS-normalise queries and keys per head (a learned scale each) before attending.
+        rotary_max_wavelength: the longest rotary wavelength (RoFormer's 10000).
+        norm_epsilon: epsilon of the query/key normalisation.
 
     Example:
-        >>> attention = CausalSelfAttention(num_heads=4, hidden_dim=32)
+        >>> attention = CausalSelfAttention(num_heads=4, hidden_dim=32, position_embedding="rotary",
+        ...                                 qk_norm=True)
         >>> tuple(attention(ops.zeros((2, 10, 32))).shape)
         (2, 10, 32)
     """
 
     def __init__(self, num_heads, hidden_dim, dropout=0.0, use_bias=False,
                  kernel_initializer="glorot_uniform", output_kernel_initializer="glorot_uniform",
-                 **kwargs):
+                 position_embedding="learned", qk_norm=False, rotary_max_wavelength=10000,
+                 norm_epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if hidden_dim % num_heads:
             raise ValueError(
@@ -114,10 +136,31 @@ class CausalSelfAttention(keras.layers.Layer):
             kernel_initializer=self.output_kernel_initializer,
             dtype=self.dtype_policy, name="output")
         self.output_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.position_embedding = _validation.check_choice("position_embedding", position_embedding,
+                                                POSITION_EMBEDDINGS)
+        self.qk_norm = bool(qk_norm)
+        self.rotary_max_wavelength = float(rotary_max_wavelength)
+        self.norm_epsilon = float(norm_epsilon)
+        self.rotary = None
+        if self.position_embedding == "rotary":
+            import keras_hub
+
+            self.rotary = keras_hub.layers.RotaryEmbedding(
+                max_wavelength=self.rotary_max_wavelength, dtype=self.dtype_policy, name="rotary")
+        self.query_norm = self.key_norm = None
+        if self.qk_norm:
+            self.query_norm = keras.layers.RMSNormalization(
+                epsilon=self.norm_epsilon, dtype=self.dtype_policy, name="query_norm")
+            self.key_norm = keras.layers.RMSNormalization(
+                epsilon=self.norm_epsilon, dtype=self.dtype_policy, name="key_norm")
 
     def build(self, input_shape):
         self.qkv_dense.build(input_shape)
         self.output_dense.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+        if self.qk_norm:
+            head_shape = (None, None, self.num_heads, self.head_dim)
+            self.query_norm.build(head_shape)
+            self.key_norm.build(head_shape)
         self.built = True
 
     def call(self, inputs, cache=None, cache_index=None, training=None):
@@ -138,6 +181,11 @@ class CausalSelfAttention(keras.layers.Layer):
         qkv = self.qkv_dense(inputs)  # (batch, time, 3 * hidden_dim)
         qkv = ops.reshape(qkv, (batch, time, 3, self.num_heads, self.head_dim))
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
+        if self.qk_norm:
+            query, key = self.query_norm(query), self.key_norm(key)
+        if self.rotary is not None:  # each token rotated by its absolute position in the window
+            start = 0 if cache is None else cache_index
+            query, key = self.rotary(query, start_index=start), self.rotary(key, start_index=start)
         if cache is None:
             attended = ops.dot_product_attention(query, key, value, is_causal=True)
         else:
@@ -183,13 +231,17 @@ class CausalSelfAttention(keras.layers.Layer):
             use_bias=self.use_bias,
             kernel_initializer=_serialize(self.kernel_initializer),
             output_kernel_initializer=_serialize(self.output_kernel_initializer),
+            position_embedding=self.position_embedding,
+            qk_norm=self.qk_norm,
+            rotary_max_wavelength=self.rotary_max_wavelength,
+            norm_epsilon=self.norm_epsilon,
         )
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
 class TransformerBlock(keras.layers.Layer):
-    """Pre-LayerNorm GPT block: `x + attention(norm(x))`, then `x + mlp(norm(x))`.
+    """Pre-norm GPT block: `x + attention(norm(x))`, then `x + mlp(norm(x))`.
 
     Args:
         num_heads: number of attention heads; must divide `hidden_dim`.
@@ -197,20 +249,25 @@ class TransformerBlock(keras.layers.Layer):
         intermediate_dim: width of the MLP's hidden layer (default `4 * hidden_dim`).
         dropout: dropout rate after attention and after the MLP.
         use_bias: whether projections and LayerNorms have biases.
-        activation: the MLP's activation ("gelu" exact, "gelu_approximate" as in GPT-2, or any Keras name).
-        layer_norm_epsilon: LayerNorm epsilon.
+        activation: the MLP's activation: "gelu" (exact), "gelu_approximate" (GPT-2), "relu",
+            "silu" or "relu_squared" (`relu(x) ** 2`, the nanoGPT speedrun's).
+        layer_norm_epsilon: epsilon of the normalisations.
         kernel_initializer: initializer of the QKV and MLP input projections.
         output_kernel_initializer: initializer of the two residual output projections.
+        norm: "layer" (LayerNorm, GPT-2) or "rms" (RMSNorm).
+        position_embedding: "learned" or "rotary" (see `CausalSelfAttention`).
+        qk_norm: RMS-normalise queries and keys per head.
 
     Example:
-        >>> block = TransformerBlock(num_heads=4, hidden_dim=32)
+        >>> block = TransformerBlock(num_heads=4, hidden_dim=32, norm="rms", activation="relu_squared")
         >>> tuple(block(ops.zeros((2, 10, 32))).shape)
         (2, 10, 32)
     """
 
     def __init__(self, num_heads, hidden_dim, intermediate_dim=None, dropout=0.0, use_bias=False,
                  activation="gelu", layer_norm_epsilon=1e-5, kernel_initializer="glorot_uniform",
-                 output_kernel_initializer="glorot_uniform", **kwargs):
+                 output_kernel_initializer="glorot_uniform", norm="layer", position_embedding="learned",
+                 qk_norm=False, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.hidden_dim = int(hidden_dim)
@@ -221,16 +278,19 @@ class TransformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.output_kernel_initializer = keras.initializers.get(output_kernel_initializer)
+        self.norm = _validation.check_choice("norm", norm, NORMS)
+        self.position_embedding = position_embedding
+        self.qk_norm = bool(qk_norm)
         self._activation_fn = _activation(activation)
         policy = self.dtype_policy
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, center=self.use_bias, dtype=policy, name="attention_norm")
+        self.attention_norm = make_norm(norm, self.layer_norm_epsilon, self.use_bias, policy, "attention_norm")
         self.attention = CausalSelfAttention(
             self.num_heads, self.hidden_dim, dropout=self.dropout, use_bias=self.use_bias,
             kernel_initializer=self.kernel_initializer,
-            output_kernel_initializer=self.output_kernel_initializer, dtype=policy, name="attention")
-        self.mlp_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, center=self.use_bias, dtype=policy, name="mlp_norm")
+            output_kernel_initializer=self.output_kernel_initializer,
+            position_embedding=position_embedding, qk_norm=qk_norm, norm_epsilon=self.layer_norm_epsilon,
+            dtype=policy, name="attention")
+        self.mlp_norm = make_norm(norm, self.layer_norm_epsilon, self.use_bias, policy, "mlp_norm")
         self.mlp_dense = keras.layers.Dense(
             self.intermediate_dim, use_bias=self.use_bias, kernel_initializer=self.kernel_initializer,
             dtype=policy, name="mlp")
@@ -273,19 +333,32 @@ class TransformerBlock(keras.layers.Layer):
             layer_norm_epsilon=self.layer_norm_epsilon,
             kernel_initializer=_serialize(self.kernel_initializer),
             output_kernel_initializer=_serialize(self.output_kernel_initializer),
+            norm=self.norm,
+            position_embedding=self.position_embedding,
+            qk_norm=self.qk_norm,
         )
         return config
 
 
-ACTIVATIONS = ("gelu", "gelu_approximate", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_approximate", "relu", "silu", "relu_squared")
+
+
+def make_norm(norm, epsilon, center, dtype, name):
+    """A LayerNorm (`norm="layer"`, with an offset when `center`) or an RMSNorm (`norm="rms"`)."""
+    if norm == "rms":
+        return keras.layers.RMSNormalization(epsilon=epsilon, dtype=dtype, name=name)
+    return keras.layers.LayerNormalization(epsilon=epsilon, center=center, dtype=dtype, name=name)
 
 
 def _activation(name):
-    """The MLP activation for `name`: exact GELU, tanh-approximate GELU (GPT-2), or a Keras name."""
+    """The MLP activation for `name`: exact GELU, tanh-approximate GELU (GPT-2), ReLU², or a Keras name."""
     if name == "gelu":
         return lambda x: keras.activations.gelu(x, approximate=False)
     if name == "gelu_approximate":
         return lambda x: keras.activations.gelu(x, approximate=True)
+    if name == "relu_squared":
+        return lambda x: ops.square(ops.relu(x))
     if name in ACTIVATIONS:
         return keras.activations.get(name)
     raise ValueError(f"`activation` must be one of {ACTIVATIONS}; got {name!r}.")
+

@@ -8,7 +8,12 @@ import numpy as np
 from keras import ops
 
 from keras_nanogpt import _files, _validation
-from keras_nanogpt.layers import ACTIVATIONS, TokenAndPositionEmbedding, TransformerBlock
+from keras_nanogpt.layers import (ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, TokenAndPositionEmbedding,
+                                  TransformerBlock, make_norm)
+
+# The modern architecture (the nanoGPT speedrun's choices); see benchmarks/RESULTS.md for the ablation.
+MODERN = dict(position_embedding="rotary", qk_norm=True, norm="rms", activation="relu_squared",
+              zero_init_residual=True, tie_embeddings=False)
 
 CONFIGS = {
     # nanoGPT's shakespeare_char recipe on CPU.
@@ -18,14 +23,18 @@ CONFIGS = {
     # GPT-2 small (124M with GPT-2's 50257-token vocabulary).
     "gpt2": dict(num_layers=12, num_heads=12, hidden_dim=768, sequence_length=1024, dropout=0.0),
 }
+CONFIGS["nano-modern"] = dict(CONFIGS["nano"], **MODERN)
+CONFIGS["baby-modern"] = dict(CONFIGS["baby"], **MODERN)
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
 class NanoGPT(keras.Model):
-    """A GPT language model: token + position embedding -> transformer blocks -> LayerNorm -> logits.
+    """A GPT language model: token + position embedding -> transformer blocks -> norm -> logits.
 
-    Initialised as nanoGPT does: normal(0.02) everywhere, residual output projections at
-    0.02 / sqrt(2 * num_layers).
+    The defaults are GPT-2's layout, as nanoGPT builds it; `from_config_name("nano-modern", ...)`
+    picks the modern one (rotary positions, QK-norm, RMSNorm, ReLU², zero-initialised residual
+    projections, an untied head). Initialised as nanoGPT does: normal(0.02) everywhere, residual
+    output projections at 0.02 / sqrt(2 * num_layers) (or zero).
 
     Args:
         vocabulary_size: number of token ids.
@@ -36,8 +45,15 @@ class NanoGPT(keras.Model):
         dropout: dropout rate in [0, 1).
         use_bias: biases in projections and LayerNorms (GPT-2: True; nanoGPT's recipe: False).
         tie_embeddings: reuse the token embedding as the output head.
-        activation: MLP activation: "gelu" (exact), "gelu_approximate" (GPT-2), "relu" or "silu".
-        layer_norm_epsilon: LayerNorm epsilon.
+        activation: MLP activation: "gelu" (exact), "gelu_approximate" (GPT-2), "relu", "silu" or
+            "relu_squared".
+        layer_norm_epsilon: epsilon of every normalisation.
+        position_embedding: "learned" (a position table, GPT-2) or "rotary" (rotary embeddings in
+            attention, no table; generation past the context works alike).
+        qk_norm: RMS-normalise queries and keys per head before attention.
+        norm: "layer" (LayerNorm) or "rms" (RMSNorm), in every block and at the end.
+        zero_init_residual: start the attention and MLP output projections at zero, so each block
+            begins as the identity.
         vectorizer: optional adapted tokenizer from `kn.data.make_vectorizer`; it is saved in the
             `.keras` file and lets `generate` take and return text.
 
@@ -50,7 +66,8 @@ class NanoGPT(keras.Model):
 
     def __init__(self, vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim,
                  dropout=0.0, use_bias=False, tie_embeddings=True, activation="gelu",
-                 layer_norm_epsilon=1e-5, vectorizer=None, **kwargs):
+                 layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
+                 norm="layer", zero_init_residual=False, **kwargs):
         vocabulary_size = _validation.check_int("vocabulary_size", vocabulary_size)
         sequence_length = _validation.check_int("sequence_length", sequence_length)
         num_layers = _validation.check_int("num_layers", num_layers)
@@ -62,6 +79,12 @@ class NanoGPT(keras.Model):
                 f"num_heads={num_heads}.")
         dropout = _validation.check_float("dropout", dropout, 0.0, 1.0)
         _validation.check_choice("activation", activation, ACTIVATIONS)
+        _validation.check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS)
+        _validation.check_choice("norm", norm, NORMS)
+        for name, flag in (("qk_norm", qk_norm), ("zero_init_residual", zero_init_residual),
+                           ("use_bias", use_bias), ("tie_embeddings", tie_embeddings)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"`{name}` must be True or False; got {flag!r}.")
         layer_norm_epsilon = _validation.check_float(
             "layer_norm_epsilon", layer_norm_epsilon, 0.0, math.inf, low_inclusive=False)
         vectorizer = _resolve_vectorizer(vectorizer, vocabulary_size)
@@ -76,24 +99,30 @@ class NanoGPT(keras.Model):
         self.tie_embeddings = bool(tie_embeddings)
         self.activation = activation
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.position_embedding = position_embedding
+        self.qk_norm = bool(qk_norm)
+        self.norm = norm
+        self.zero_init_residual = bool(zero_init_residual)
         self._vectorizer_holder = _Untracked(vectorizer)
 
         initializer = keras.initializers.RandomNormal(stddev=0.02)
-        residual_initializer = keras.initializers.RandomNormal(stddev=0.02 / math.sqrt(2 * num_layers))
+        residual_initializer = ("zeros" if self.zero_init_residual else
+                                keras.initializers.RandomNormal(stddev=0.02 / math.sqrt(2 * num_layers)))
         policy = self.dtype_policy
         self.embedding = TokenAndPositionEmbedding(
             vocabulary_size, sequence_length, hidden_dim, embeddings_initializer=initializer,
-            dtype=policy, name="embedding")
+            position_embedding=position_embedding, dtype=policy, name="embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.blocks = [
             TransformerBlock(
                 num_heads, hidden_dim, dropout=dropout, use_bias=self.use_bias, activation=activation,
                 layer_norm_epsilon=layer_norm_epsilon, kernel_initializer=initializer,
-                output_kernel_initializer=residual_initializer, dtype=policy, name=f"block_{i}")
+                output_kernel_initializer=residual_initializer, norm=norm,
+                position_embedding=position_embedding, qk_norm=self.qk_norm, dtype=policy,
+                name=f"block_{i}")
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, center=self.use_bias, dtype=policy, name="final_norm")
+        self.final_norm = make_norm(norm, layer_norm_epsilon, self.use_bias, policy, "final_norm")
         self.head = None if self.tie_embeddings else keras.layers.Dense(
             vocabulary_size, use_bias=False, kernel_initializer=initializer, dtype=policy, name="head")
         self.build((None, sequence_length))
@@ -110,7 +139,8 @@ class NanoGPT(keras.Model):
 
     @classmethod
     def from_config_name(cls, name, vocabulary_size, **overrides):
-        """A model of the named size: "nano" (nanoGPT CPU recipe), "baby" (6/6/384) or "gpt2" (12/12/768).
+        """A model of the named size: "nano" (nanoGPT CPU recipe), "baby" (6/6/384) or "gpt2" (12/12/768),
+        in GPT-2's layout; "nano-modern" and "baby-modern" are those sizes in the modern one.
 
         Args:
             name: one of `kn.model.CONFIGS`.
@@ -192,6 +222,15 @@ class NanoGPT(keras.Model):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss is None else loss,
             metrics=["accuracy"] if metrics is None else metrics,
             jit_compile=jit_compile, **kwargs)
+        # The optimizer's and the metrics' variables now, for token-id targets, rather than inside the
+        # first training step: on TensorFlow a tf.function that creates variables is traced twice,
+        # which doubled the first step's start-up (benchmarks/RESULTS.md). Targets of another shape (a
+        # loss of the caller's) are built by Keras in the first step, as usual.
+        ids = keras.KerasTensor((None, self.sequence_length), "int32")
+        try:
+            self._symbolic_build(data_batch=(ids, ids))
+        except (ValueError, TypeError, RuntimeError):
+            self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus a guard that stops with a clear error when the loss turns NaN/inf.
@@ -219,7 +258,6 @@ class NanoGPT(keras.Model):
     def compile_from_config(self, config):
         """Recompile a loaded model from its saved compile config (optimizer state then loads too)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
-        self.optimizer.build(self.trainable_variables)
 
     def generate(self, prompt, max_new_tokens=100, temperature=1.0, top_k=None, seed=None, **kwargs):
         """Continue `prompt`: text in, the prompt plus new text out; ids `(batch, time)` in, ids out.
@@ -339,6 +377,10 @@ class NanoGPT(keras.Model):
             "tie_embeddings": self.tie_embeddings,
             "activation": self.activation,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "position_embedding": self.position_embedding,
+            "qk_norm": self.qk_norm,
+            "norm": self.norm,
+            "zero_init_residual": self.zero_init_residual,
             "vectorizer": None,
         }
         if self.vectorizer is not None:
