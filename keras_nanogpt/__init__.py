@@ -1,8 +1,9 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-from keras_nanogpt import backup, callbacks, convert, data, distribute, generation, training
+from keras_nanogpt import adapters, backup, callbacks, convert, data, distribute, generation, scoring, training
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
+from keras_nanogpt.scoring import score
 
 __version__ = "0.1.0"
 
@@ -12,12 +13,15 @@ __all__ = [
     "NanoGPT",
     "TokenAndPositionEmbedding",
     "TransformerBlock",
+    "adapters",
     "backup",
     "callbacks",
     "convert",
     "data",
     "distribute",
     "generation",
+    "scoring",
     "training",
     "load_model",
+    "score",
 ]

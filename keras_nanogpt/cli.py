@@ -1,6 +1,7 @@
 """The `keras-nanogpt` console script: train, generate, evaluate, export, bench, serve.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
+    keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
     keras-nanogpt generate pride.keras --prompt "It is a truth" --max-new-tokens 200 --top-k 40
     keras-nanogpt evaluate pride.keras --text pride_and_prejudice
     keras-nanogpt export pride.keras serving/
@@ -40,8 +41,8 @@ def build_parser():
 
     train = commands.add_parser("train", help="train a model on a text and save it")
     train.add_argument("--text", required=True, help="corpus name (pride_and_prejudice, tinyshakespeare) or path")
-    train.add_argument("--level", default="char")
-    train.add_argument("--config", default="nano", help="named size: nano, baby or gpt2")
+    train.add_argument("--level", help="tokens: char (the default), word, bpe, ... (kn.data.LEVELS)")
+    train.add_argument("--config", help="named size: nano (the default), baby or gpt2")
     train.add_argument("--layers", type=int)
     train.add_argument("--heads", type=int)
     train.add_argument("--hidden-dim", type=int)
@@ -70,6 +71,10 @@ def build_parser():
     train.add_argument("--prompt", help="print a sample from this prompt after every report")
     train.add_argument("--peak-flops", type=float, help="hardware peak FLOP/s, for MFU")
     train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    train.add_argument("--init", help="fine-tune this model (a .keras file or a Hugging Face GPT-2 folder) "
+                                      "instead of training a new one; it brings its architecture and tokenizer")
+    train.add_argument("--lora-rank", type=int, help="with --init: train rank-R LoRA adapters only "
+                                                     "(kn.NanoGPT.enable_lora), saved in --out")
 
     generate = commands.add_parser("generate", help="continue a prompt with a saved model")
     generate.add_argument("model")
@@ -161,17 +166,23 @@ def train(args):
     keras.utils.set_random_seed(args.seed)
     strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
-    vectorizer = kn.data.make_vectorizer(text, level=args.level)
-    overrides = {key: value for key, value in (
-        ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
-        ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
     every = args.checkpoint_every
     architecture = kn.model.MODERN if args.recipe == "modern" else {}
     with strategy:
-        model = kn.NanoGPT.from_config_name(args.config, vocabulary_size=vectorizer.vocabulary_size(),
-                                            vectorizer=vectorizer, **{**architecture, **overrides})
+        if args.init:
+            model, sequence_length = _initial_model(args), args.sequence_length
+        else:
+            vectorizer = kn.data.make_vectorizer(text, level=args.level or "char")
+            overrides = {key: value for key, value in (
+                ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
+                ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
+            model = kn.NanoGPT.from_config_name(args.config or "nano", vectorizer=vectorizer,
+                                                vocabulary_size=vectorizer.vocabulary_size(),
+                                                **{**architecture, **overrides})
+            sequence_length = None
+        sequence_length = sequence_length or model.sequence_length
         train_ds, val_ds = kn.data.make_datasets(
-            text, vectorizer, model.sequence_length, args.batch_size, validation_split=args.validation_split,
+            text, model.vectorizer, sequence_length, args.batch_size, validation_split=args.validation_split,
             sampling="random", seed=args.seed)
         if args.epochs is not None:
             steps_per_epoch = int(train_ds.cardinality())
@@ -180,7 +191,7 @@ def train(args):
             steps_per_epoch = every
             total_steps = math.ceil(args.steps / every) * every
         model.compile(optimizer=kn.training.optimizer_for(args.recipe, total_steps, args.learning_rate))
-        callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * model.sequence_length, args.peak_flops)]
+        callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * sequence_length, args.peak_flops)]
         backup, resumed = None, 0
         if args.checkpoint_dir:
             # Every --checkpoint-every steps and on SIGTERM/SIGINT (then at that step, exiting 143/130).
@@ -209,6 +220,34 @@ def train(args):
     return 0
 
 
+def _initial_model(args):
+    """The model `--init` names, with `--lora-rank` adapters enabled; checked before training starts."""
+    import keras_nanogpt as kn
+
+    path = args.init
+    if os.path.isdir(path):
+        model = kn.convert.from_huggingface_gpt2(path, dropout=args.dropout)
+    elif path.endswith(".keras"):
+        if args.dropout is not None:
+            raise ValueError("`--dropout` cannot change a saved .keras model; it applies to a GPT-2 folder.")
+        model = kn.load_model(path)
+    else:
+        raise ValueError(f"`--init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
+    if model.vectorizer is None:
+        raise ValueError(f"`--init` {path!r} has no tokenizer, so it cannot read --text; save the model with "
+                         "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
+    if args.sequence_length is not None and args.sequence_length > model.sequence_length:
+        raise ValueError(f"`--sequence-length` must be at most the model's context ({model.sequence_length}) "
+                         f"with --init; got {args.sequence_length}.")
+    if args.lora_rank is not None:
+        model.enable_lora(args.lora_rank)
+    trainable = sum(math.prod(v.shape) for v in model.trainable_variables)
+    total = sum(math.prod(v.shape) for v in model.weights)
+    print(f"fine-tuning {path}: {trainable:,} of {total:,} weights trainable"
+          + (f" (LoRA rank {args.lora_rank})" if args.lora_rank is not None else ""), flush=True)
+    return model
+
+
 def _check_train_arguments(args):
     """Every `train` option that can be checked before reading the text or building the model."""
     import keras_nanogpt as kn
@@ -220,8 +259,22 @@ def _check_train_arguments(args):
                  "sequence_length"):
         if getattr(args, name) is not None:
             check.check_int("--" + name.replace("_", "-"), getattr(args, name))
-    check.check_choice("--config", args.config, tuple(kn.CONFIGS))
-    check.check_choice("--level", args.level, kn.data.LEVELS)
+    if args.config is not None:
+        check.check_choice("--config", args.config, tuple(kn.CONFIGS))
+    if args.lora_rank is not None:
+        check.check_int("--lora-rank", args.lora_rank)
+        if not args.init:
+            raise ValueError("`--lora-rank` fine-tunes an existing model: give --init MODEL.keras or a GPT-2 folder.")
+    if args.init:
+        given = [flag for flag, value in (("--config", args.config), ("--level", args.level),
+                                          ("--layers", args.layers), ("--heads", args.heads),
+                                          ("--hidden-dim", args.hidden_dim),
+                                          ("--mixed-precision", args.mixed_precision or None)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with `--init`: the model brings its "
+                             "architecture, tokenizer and dtype.")
+    if args.level is not None:
+        check.check_choice("--level", args.level, kn.data.LEVELS)
     check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
     if args.learning_rate is not None:
         check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
@@ -250,6 +303,8 @@ def generate(args):
 
 
 def evaluate(args):
+    import numpy as np
+
     import keras_nanogpt as kn
 
     kn._validation.check_float("--validation-split", args.validation_split, 0.0, 1.0, low_inclusive=False)
@@ -263,7 +318,12 @@ def evaluate(args):
         model.compile()
     results = model.evaluate(val, verbose=0, return_dict=True)
     loss = float(results["loss"])
+    targets = np.concatenate([y.reshape(-1) for _, y in val.as_numpy_iterator()])  # every scored token
+    context = np.concatenate([x[:1, 0] for x, _ in val.take(1).as_numpy_iterator()])  # the one before them
+    characters = kn.scoring.count_characters(model.vectorizer, np.concatenate([context, targets]))
+    bits = kn.scoring.bits_per_character(loss * len(targets), characters)
     print(json.dumps({"validation_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+                      "bits_per_character": None if bits is None else round(bits, 4),
                       "accuracy": round(float(results.get("accuracy", math.nan)), 4)}))
     return 0
 

@@ -89,6 +89,10 @@ def to_huggingface_gpt2(model, directory):
     _check_gpt2_layout(model)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a folder path; got {directory!r}.")
+    quantized = {layer.quantization_mode for layer in model._flatten_layers()} - {None}
+    if quantized:
+        raise ValueError(f"`model` is quantized ({', '.join(sorted(quantized))}); GPT-2 files hold float "
+                         "weights: export the model from before `quantize`.")
     from safetensors.numpy import save_file
 
     directory = os.fspath(directory)

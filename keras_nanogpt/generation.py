@@ -435,10 +435,18 @@ def _stop_sequences(model, stop):
     return sequences
 
 
+def compiled_function(model, key, build):
+    """`build()` compiled for the backend (see `_compile`), made once per `key` and kept with the
+    model's generation functions (other modules' compiled model functions, e.g. scoring's)."""
+    compiled = _compiled(model)
+    return compiled._function(key, lambda: _compile(model, build(), compiled._count_trace))
+
+
 def _compiled(model):
-    """The model's `_Compiled` functions, made on first use and kept on the model."""
+    """The model's `_Compiled` functions, made on first use and kept on the model; made again when
+    the model's variables changed (LoRA enabled or merged, quantization)."""
     compiled = getattr(model, "_kn_generation", None)
-    if compiled is None:
+    if compiled is None or not compiled.current():
         compiled = _Compiled(model)
         object.__setattr__(model, "_kn_generation", compiled)  # not a tracked Keras attribute
     return compiled
@@ -449,6 +457,7 @@ class _Compiled:
 
     def __init__(self, model):
         self.model = model
+        self.variables = tuple(model.variables)  # the functions below take exactly these
         self.samplers = {}
         self.functions = {}
         self.steps = {}  # PyTorch: compiled decode steps by sampler kind and shapes (_torch_compile)
@@ -482,6 +491,12 @@ class _Compiled:
         if key not in self.samplers:
             self.samplers[key] = make()
         return self.samplers[key], temperature or 1.0
+
+    def current(self):
+        """Whether the model still has exactly the variables these functions were made for."""
+        variables = self.model.variables
+        return len(variables) == len(self.variables) and all(
+            a is b for a, b in zip(variables, self.variables))
 
     def _function(self, key, make):
         if key not in self.functions:

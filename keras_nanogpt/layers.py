@@ -45,8 +45,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.position_embedding_type = _validation.check_choice("position_embedding", position_embedding,
                                                      POSITION_EMBEDDINGS)
-        self.token_embedding = keras.layers.Embedding(
-            self.vocabulary_size, self.hidden_dim,
+        # Keras's ReversibleEmbedding: the tied output projection stays right when quantized.
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            self.vocabulary_size, self.hidden_dim, tie_weights=True,
             embeddings_initializer=self.embeddings_initializer,
             dtype=self.dtype_policy, name="token_embedding")
         self.position_embedding = None if position_embedding == "rotary" else keras.layers.Embedding(
@@ -68,9 +69,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         return embedded + call_sublayer(self.position_embedding, positions)[None]
 
     def project_to_vocabulary(self, hidden):
-        """Logits from hidden states with the (tied) token table: `hidden @ embeddings.T`."""
-        embeddings = ops.cast(self.token_embedding.embeddings, hidden.dtype)
-        return ops.matmul(hidden, ops.transpose(embeddings))
+        """Logits from hidden states with the (tied) token table: `hidden @ embeddings.T`
+        (int8/int4 kernels of a quantized model included)."""
+        return call_sublayer(self.token_embedding, hidden, reverse=True)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.hidden_dim,)

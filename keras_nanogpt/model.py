@@ -295,6 +295,63 @@ class NanoGPT(keras.Model):
         return generation.stream(self, prompt, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, **kwargs)
 
+    def enable_lora(self, rank, target=("qkv", "attention_output", "mlp", "mlp_output"), alpha=None):
+        """Fine-tune low-rank adapters (Keras's `Dense.enable_lora`) and freeze every other weight.
+
+        See `keras_nanogpt.adapters`: `target` names projections by role ("qkv",
+        "attention_output", "mlp", "mlp_output", "head"); `model.save` keeps the adapters.
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> model.enable_lora(4)
+            >>> sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+            4096
+        """
+        from keras_nanogpt import adapters
+
+        adapters.enable_lora(self, rank, target=target, alpha=alpha)
+
+    def merge_lora(self):
+        """Fold the LoRA adapters into their kernels for serving; every weight is trainable again.
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> model.enable_lora(4)
+            >>> model.merge_lora()
+        """
+        from keras_nanogpt import adapters
+
+        adapters.merge_lora(self)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize` of the Dense and Embedding layers: "int8", "int4" or "float8".
+
+        The tied output head is quantized with the token table (see `keras_nanogpt.adapters`); the
+        quantized model generates, saves and loads as it is.
+
+        Example:
+            >>> model = NanoGPT(65, 64, 2, 2, 32)
+            >>> model.quantize("int8")
+            >>> model.blocks[0].mlp_dense.dtype_policy.name
+            'int8_from_float32'
+        """
+        from keras_nanogpt import adapters
+
+        adapters.quantize(self, super().quantize, mode, config, filters, **kwargs)
+
+    def score(self, inputs, stride=None, batch_size=8):
+        """Per-token log-probabilities, total NLL, perplexity and bits per character of a text.
+
+        See `keras_nanogpt.scoring.score`.
+
+        Example:
+            >>> NanoGPT(65, 64, 2, 2, 32).score([1, 2, 3, 4]).num_tokens
+            3
+        """
+        from keras_nanogpt import scoring
+
+        return scoring.score(self, inputs, stride=stride, batch_size=batch_size)
+
     def save(self, filepath, overwrite=True, **kwargs):
         """Save to a `.keras` file atomically: a crash leaves the old file or the new one, never half.
 
@@ -327,12 +384,12 @@ class NanoGPT(keras.Model):
             super().save_weights(tmp, **kwargs)
 
     def get_config(self):
-        from keras_nanogpt import data
+        from keras_nanogpt import adapters, data
 
         config = {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+            "dtype": keras.saving.serialize_keras_object(adapters.model_dtype_policy(self)),
             "vocabulary_size": self.vocabulary_size,
             "sequence_length": self.sequence_length,
             "num_layers": self.num_layers,
@@ -351,14 +408,24 @@ class NanoGPT(keras.Model):
         }
         if self.vectorizer is not None:
             config["vectorizer"] = data.vectorizer_to_config(self.vectorizer)
+        lora = adapters.lora_config(self)
+        if lora is not None:  # state added after construction, as the quantized layers' dtype policies are
+            config["lora"] = lora
         return config
 
     @classmethod
     def from_config(cls, config):
+        from keras_nanogpt import adapters
+
         config = dict(config)
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
-        return cls(**config)
+        lora = config.pop("lora", None)
+        model = cls(**config)
+        adapters.match_int4_defaults(model)
+        if lora is not None:
+            model.enable_lora(**lora)
+        return model
 
 
 def load_model(filepath, **kwargs):

@@ -31,6 +31,9 @@ import pytest  # noqa: E402
 import keras_nanogpt as kn  # noqa: E402
 
 BACKEND = keras.backend.backend()
+# `compile` arguments for a few steps of a tiny model: TensorFlow's XLA compilation costs more than it
+# saves there, while JAX without jit runs op by op.
+QUICK_COMPILE = {"jit_compile": False} if BACKEND == "tensorflow" else {}
 SHAKESPEARE_SAMPLE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"

@@ -154,7 +154,7 @@ def test_evaluate_prints_loss_perplexity_and_accuracy(trained):
     code, out, err = trained["evaluate"]
     assert code == 0, err
     report = json.loads(out)
-    assert set(report) == {"validation_loss", "perplexity", "accuracy"}
+    assert set(report) == {"validation_loss", "perplexity", "bits_per_character", "accuracy"}
     assert 0 < report["validation_loss"] < 5 and report["perplexity"] > 1 and 0 <= report["accuracy"] <= 1
     assert report["perplexity"] == pytest.approx(2.718281828 ** report["validation_loss"], rel=1e-3)
 

@@ -1,0 +1,168 @@
+"""Scoring a text: per-token log-probabilities, total negative log-likelihood, perplexity, bits per character.
+
+Token `i + 1` is scored by the model's prediction after tokens `..i`. A text longer than the context is
+read in windows of `sequence_length` tokens that start `stride` tokens apart; each token is scored once,
+in the first window that predicts it (Hugging Face's "perplexity of fixed-length models" recipe). With
+`stride = sequence_length` (the default) the windows do not overlap, as `kn.data.make_datasets` cuts
+them, so the total equals `model.evaluate`'s loss times the number of tokens; a smaller stride gives
+every token more context (`stride=1`: each sees the `sequence_length` tokens before it, at one forward
+pass per token).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+from keras import ops
+
+from keras_nanogpt import _validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """What `score` measured.
+
+    Attributes:
+        token_ids: the scored token ids `(n,)`.
+        log_probs: `(n - 1,)` natural-log probability of `token_ids[i + 1]` given the tokens before it
+            (keras-hub's `CausalLM.score(scoring_mode="loss")` gives the negatives of these).
+        num_characters: characters of `token_ids[1:]` as the vectorizer decodes them (None without one).
+    """
+
+    token_ids: np.ndarray
+    log_probs: np.ndarray
+    num_characters: int = None
+
+    @property
+    def num_tokens(self):
+        """How many tokens were scored (`n - 1`)."""
+        return int(self.log_probs.shape[0])
+
+    @property
+    def total_nll(self):
+        """Total negative log-likelihood in nats: `-sum(log_probs)`."""
+        return -float(np.sum(self.log_probs, dtype="float64"))
+
+    @property
+    def mean_nll(self):
+        """Mean negative log-likelihood per token in nats (the training loss)."""
+        return self.total_nll / self.num_tokens
+
+    @property
+    def perplexity(self):
+        """`exp(mean_nll)`."""
+        return math.exp(self.mean_nll)
+
+    @property
+    def bits_per_token(self):
+        return self.mean_nll / math.log(2)
+
+    @property
+    def bits_per_character(self):
+        """Total NLL in bits over the characters of the scored tokens (None without a vectorizer)."""
+        return bits_per_character(self.total_nll, self.num_characters)
+
+
+def score(model, inputs, stride=None, batch_size=8):
+    """Score a text (or token ids) with `model`.
+
+    Args:
+        model: a `NanoGPT`.
+        inputs: a string (the model needs a vectorizer) or 1-D token ids, at least 2 tokens.
+        stride: tokens between window starts, in [1, sequence_length] (None: sequence_length).
+        batch_size: windows per forward pass; memory grows as `batch_size * sequence_length *
+            vocabulary_size * 4` bytes of logits.
+
+    Returns:
+        A `Score`.
+
+    Example:
+        >>> result = score(model, "It is a truth universally acknowledged")  # doctest: +SKIP
+        >>> result.perplexity, result.bits_per_character  # doctest: +SKIP
+    """
+    from keras_nanogpt import generation
+
+    context = model.sequence_length
+    stride = context if stride is None else _validation.check_int("stride", stride)
+    if stride > context:
+        raise ValueError(f"`stride` must be at most the model's sequence_length ({context}); got {stride}.")
+    batch_size = _validation.check_int("batch_size", batch_size)
+    ids = _token_ids(model, inputs)
+    windows = _windows(len(ids), context, stride)
+    width = max(end - begin for begin, end, _ in windows)
+    width = min(context, 1 << (width - 1).bit_length())  # a power of two: few shapes to compile
+    rows = np.zeros((len(windows), width), "int32")
+    targets = np.zeros((len(windows), width), "int32")
+    for row, (begin, end, _) in enumerate(windows):
+        rows[row, :end - begin] = ids[begin:end]
+        targets[row, :end - begin] = ids[begin + 1:end + 1]
+    log_probs = generation.compiled_function(model, ("score", batch_size, width),
+                                             lambda: _log_probs_function(model))
+    values = []
+    for start in range(0, len(windows), batch_size):
+        x, y = rows[start:start + batch_size], targets[start:start + batch_size]
+        pad = batch_size - len(x)  # one shape for every call
+        x, y = (np.pad(a, ((0, pad), (0, 0))) for a in (x, y))
+        values.append(np.asarray(ops.convert_to_numpy(log_probs(x, y)))[:batch_size - pad])
+    values = np.concatenate(values)
+    scored = np.concatenate([values[row, first - begin:end - begin]
+                             for row, (begin, end, first) in enumerate(windows)])
+    characters = None if model.vectorizer is None else count_characters(model.vectorizer, ids)
+    return Score(token_ids=ids, log_probs=scored.astype("float32"), num_characters=characters)
+
+
+def count_characters(vectorizer, ids):
+    """Characters that `ids[1:]` decode to after `ids[0]` (so a word vocabulary counts its spaces)."""
+    from keras_nanogpt import data
+
+    return len(data.decode(vectorizer, list(ids))) - len(data.decode(vectorizer, list(ids[:1])))
+
+
+def bits_per_character(total_nll, num_characters):
+    """`total_nll` (nats) in bits per character; None when the characters are unknown or none."""
+    if not num_characters:
+        return None
+    return total_nll / math.log(2) / num_characters
+
+
+def _token_ids(model, inputs):
+    from keras_nanogpt import data
+
+    if isinstance(inputs, str):
+        if model.vectorizer is None:
+            raise ValueError("Scoring text needs a model with a `vectorizer`; this model has none. "
+                             "Pass token ids instead.")
+        ids = data.encode(model.vectorizer, inputs)
+        data.warn_unknown(model.vectorizer, inputs, ids)
+    else:
+        try:
+            ids = np.asarray(inputs)
+        except ValueError:  # ragged lists
+            ids = np.asarray([], dtype=object)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"`inputs` must be a string or 1-D integer token ids; got shape {ids.shape} "
+                             f"of {ids.dtype}.")
+        _validation.check_ids("inputs", ids, model.vocabulary_size)
+    if len(ids) < 2:
+        raise ValueError(f"`inputs` must hold at least 2 tokens (the first is only context); got {len(ids)}.")
+    return ids.astype("int32")
+
+
+def _windows(length, context, stride):
+    """`(begin, end, first)` per window: inputs `ids[begin:end]`, scoring targets `first..end - 1`
+    (target `j` is `ids[j + 1]`)."""
+    windows, begin, done = [], 0, 0
+    while done < length - 1:
+        end = min(begin + context, length - 1)
+        windows.append((begin, end, done))
+        done, begin = end, begin + stride
+    return windows
+
+
+def _log_probs_function(model):
+    def log_probs(ids, targets):  # (batch, width) each
+        logits = model(ids, training=False)  # (batch, width, vocabulary_size), float32
+        log_softmax = ops.log_softmax(logits, axis=-1)
+        return ops.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
+
+    return log_probs
