@@ -11,12 +11,12 @@ the seed), and all are scored before training and after every chunk on the same 
 from the last 10% (nanoGPT's `estimate_loss`: 200 batches of 12 windows). Training seconds include our
 first call's compilation and exclude scoring.
 
-A recipe is a name, optionally with overrides after a colon (NanoGPT arguments, optimizer arguments, or
-`batch_size`), so one command runs a sweep:
+A recipe is a name, optionally with overrides after a colon (NanoGPT arguments, optimizer arguments,
+`batch_size`, or `steps`: a shorter run, its schedule ending there), so one command runs a sweep:
 
     python benchmarks/train_quality.py --nanogpt ../nanoGPT --seeds 1337,1,2
     python benchmarks/train_quality.py --no-nanogpt --target 1.905 --eval-every 100 \\
-        --recipes "modern" "modern:learning_rate=0.03" "modern:qk_norm=False,batch_size=24"
+        --recipes "modern" "modern:learning_rate=0.03" "modern:qk_norm=False,batch_size=24" "modern:steps=400"
 
 - nanogpt: `examples/shakespeare_char.py` (the GPT-2 layout, `kn.training.nanogpt_optimizer`).
 - modern: the `nano-modern` (or `baby-modern`) configuration and `kn.training.muon_optimizer`, with their
@@ -80,6 +80,11 @@ def parse_args(argv=None):
     if args.stop_at_target and args.target is None:
         parser.error("--stop-at-target needs --target")
     args.recipes = [parse_recipe(spec, parser) for spec in args.recipes]
+    for spec, _, overrides in args.recipes:
+        steps = overrides.setdefault("steps", args.steps)
+        if not isinstance(steps, int) or not WARMUP_STEPS < steps <= args.steps or steps % args.eval_every:
+            parser.error(f"recipe {spec}: steps must be a multiple of --eval-every ({args.eval_every}) above "
+                         f"the {WARMUP_STEPS} warmup steps and at most --steps ({args.steps})")
     return args
 
 
@@ -159,7 +164,7 @@ def run_seed(args, kn, text, seed):
     seconds = dict.fromkeys(sides, 0.0)
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
         for side, recipe in sides.items():
-            if args.stop_at_target and curves[side][-1][2] <= args.target:
+            if step > recipe.steps or args.stop_at_target and curves[side][-1][2] <= args.target:
                 continue
             start = time.perf_counter()
             recipe.train(step - args.eval_every, step)
@@ -198,15 +203,18 @@ class OurRecipe:
         config = args.size + suffix
         make_optimizer = getattr(kn.training, optimizer_name)
         optimizer_keys = set(inspect.signature(make_optimizer).parameters)
-        unknown = set(overrides) - optimizer_keys - set(inspect.signature(kn.NanoGPT).parameters) - {"batch_size"}
+        unknown = (set(overrides) - optimizer_keys - set(inspect.signature(kn.NanoGPT).parameters)
+                   - {"batch_size", "steps"})
         if unknown:
             raise SystemExit(f"recipe {name}: unknown overrides {sorted(unknown)}")
         keras.utils.set_random_seed(seed)
         vectorizer = kn.data.make_vectorizer(text, level="char")
         self.model = kn.NanoGPT.from_config_name(
             config, vocabulary_size=vectorizer.vocabulary_size(), vectorizer=vectorizer,
-            **{k: v for k, v in overrides.items() if k not in optimizer_keys | {"batch_size"}})
-        optimizer = make_optimizer(total_steps=args.steps, **{k: v for k, v in overrides.items() if k in optimizer_keys})
+            **{k: v for k, v in overrides.items() if k not in optimizer_keys | {"batch_size", "steps"}})
+        self.steps = overrides["steps"]
+        optimizer = make_optimizer(total_steps=self.steps,
+                                   **{k: v for k, v in overrides.items() if k in optimizer_keys})
         self.model.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
         # nanoGPT's id of a character (its rank in sorted order) -> ours (frequency order, after padding
         # and out-of-vocabulary ids).
@@ -237,6 +245,7 @@ class NanoGPTRecipe:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=args.mixed_precision)
+        self.steps = args.steps
         self.x, self.y = (torch.from_numpy(array).to(self.device) for array in data)
         self.batch_size, self.total_steps = args.batch_size, args.steps
 

@@ -36,7 +36,7 @@ def warn_if_slow_bfloat16(model):
     """Warn that training `model` in bfloat16 on PyTorch's CPU is slow, and why (called by `compile`).
 
     Keras's mixed precision casts every weight at every layer call, and PyTorch's eager CPU kernels
-    for bfloat16 are only fast with AMX matrix units (absent from this project's CPU hosts): at
+    for bfloat16 are only fast with AMX matrix units (absent from the host measured): at
     nanoGPT's CPU recipe it trained at 0.10-0.2x float32's speed (benchmarks/RESULTS.md).
     """
     if model.compute_dtype != "bfloat16" or torch.cuda.is_available():

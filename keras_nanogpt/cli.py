@@ -1,4 +1,4 @@
-"""The `keras-nanogpt` console script: train, generate, evaluate, export, bench, serve.
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, quantize, bench, serve.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
     keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
@@ -99,6 +99,11 @@ def build_parser():
     export.add_argument("directory")
     export.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model",))
 
+    quantize = commands.add_parser("quantize", help="write a quantized copy of a saved model (for generate, serve)")
+    quantize.add_argument("model")
+    quantize.add_argument("out", help="the quantized .keras file (weights and config; no optimizer state)")
+    quantize.add_argument("--mode", default="int8", help="int8 (default), int4 or float8")
+
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py)", add_help=False)
 
     serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions API and a playground")
@@ -137,7 +142,7 @@ def main(argv=None):
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
         return {"train": train, "generate": generate, "evaluate": evaluate, "export": export,
-                "serve": serve}[args.command](args)
+                "quantize": quantize, "serve": serve}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -352,6 +357,22 @@ def export(args):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {args.model} to {target} ({args.format}); serve() maps int32 ids (batch, time) to logits")
+    return 0
+
+
+def quantize(args):
+    import keras_nanogpt as kn
+
+    kn._validation.check_choice("--mode", args.mode, kn.adapters.QUANTIZATION_MODES)
+    if not args.out.endswith(".keras"):
+        raise ValueError(f"`out` must be a .keras file; got {args.out!r}.")
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise ValueError("`out` must differ from `model`: the float model stays as it is.")
+    model = kn.load_model(args.model, compile=False)  # uncompiled: no optimizer state in the copy
+    model.quantize(args.mode)
+    model.save(args.out)
+    before, after = (os.path.getsize(path) / 1e6 for path in (args.model, args.out))
+    print(f"quantized {args.model} ({before:.2f} MB) to {args.mode}: {args.out} ({after:.2f} MB)")
     return 0
 
 

@@ -3,6 +3,7 @@ included, on a small trained model: logits stay close, greedy text mostly unchan
 on the KV cache, `.keras` files round-trip and shrink, and the command line reads them.
 """
 
+import os
 import zipfile
 
 import keras
@@ -152,6 +153,18 @@ def test_command_line_reads_quantized_files(int8_model, tmp_path, capsys):
     served = tf.saved_model.load(str(tmp_path / "serving"))
     ids = np.array([[3, 4, 5]], "int32")
     np.testing.assert_allclose(served.serve(ids).numpy(), to_numpy(int8_model(ids)), atol=1e-4)
+
+
+def test_command_line_writes_a_quantized_copy(trained, int8_model, ids, tmp_path, capsys):
+    out = tmp_path / "q.keras"
+    assert cli.main(["quantize", str(trained), str(out)]) == 0
+    assert f"to int8: {out}" in capsys.readouterr().out
+    np.testing.assert_array_equal(to_numpy(kn.load_model(out)(ids)), to_numpy(int8_model(ids)))
+    assert os.path.getsize(out) < os.path.getsize(trained)
+    for arguments, message in ((["--mode", "int3"], "--mode"), ([], "differ")):
+        target = str(trained) if not arguments else str(tmp_path / "bad.keras")
+        assert cli.main(["quantize", str(trained), target, *arguments]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [

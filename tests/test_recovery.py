@@ -143,6 +143,9 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
     assert not (tmp_path / "ckpt").exists()  # removed once the model is saved
     resumed, never_stopped = (kn.load_model(tmp_path / n) for n in ("m.keras", "never_stopped.keras"))
     assert _iterations(resumed) == _iterations(never_stopped) == STEPS
+    # The default recipe is the modern one, so Muon's state (and AdamW's beside it) came back too.
+    assert isinstance(resumed.optimizer, kn.training.MatrixDecayMuon)
+    assert resumed.get_config()["position_embedding"] == "rotary"
     assert _largest_difference(resumed, never_stopped) <= 1e-5  # measured: 0.0 on all three backends
 
 
