@@ -12,7 +12,8 @@ from the last 10% (nanoGPT's `estimate_loss`: 200 batches of 12 windows). Traini
 first call's compilation and exclude scoring.
 
 A recipe is a name, optionally with overrides after a colon (NanoGPT arguments, optimizer arguments,
-`batch_size`, or `steps`: a shorter run, its schedule ending there), so one command runs a sweep:
+`batch_size`, `jit_compile`, or `steps`: a shorter run, its schedule ending there), so one command runs a
+sweep:
 
     python benchmarks/train_quality.py --nanogpt ../nanoGPT --seeds 1337,1,2
     python benchmarks/train_quality.py --no-nanogpt --target 1.905 --eval-every 100 \\
@@ -44,6 +45,7 @@ import numpy as np
 from train_speed import nanogpt_model
 
 WARMUP_STEPS, LEARNING_RATE, MIN_LEARNING_RATE = 100, 1e-3, 1e-4  # nanoGPT's recipes
+RUN_KEYS = {"batch_size", "steps", "jit_compile"}  # recipe overrides that are neither model nor optimizer arguments
 # nanoGPT's shakespeare_char recipes: on CPU (its README's command) and on GPU (the "baby GPT").
 SIZES = {"nano": dict(batch_size=12, steps=2000), "baby": dict(batch_size=64, steps=5000)}
 RECIPES = {"nanogpt": ("", "nanogpt_optimizer"), "modern": ("-modern", "muon_optimizer")}
@@ -204,18 +206,19 @@ class OurRecipe:
         make_optimizer = getattr(kn.training, optimizer_name)
         optimizer_keys = set(inspect.signature(make_optimizer).parameters)
         unknown = (set(overrides) - optimizer_keys - set(inspect.signature(kn.NanoGPT).parameters)
-                   - {"batch_size", "steps"})
+                   - RUN_KEYS)
         if unknown:
             raise SystemExit(f"recipe {name}: unknown overrides {sorted(unknown)}")
         keras.utils.set_random_seed(seed)
         vectorizer = kn.data.make_vectorizer(text, level="char")
         self.model = kn.NanoGPT.from_config_name(
             config, vocabulary_size=vectorizer.vocabulary_size(), vectorizer=vectorizer,
-            **{k: v for k, v in overrides.items() if k not in optimizer_keys | {"batch_size", "steps"}})
+            **{k: v for k, v in overrides.items() if k not in optimizer_keys | RUN_KEYS})
         self.steps = overrides["steps"]
         optimizer = make_optimizer(total_steps=self.steps,
                                    **{k: v for k, v in overrides.items() if k in optimizer_keys})
-        self.model.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
+        self.model.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution,
+                           jit_compile=overrides.get("jit_compile", "auto"))
         # nanoGPT's id of a character (its rank in sorted order) -> ours (frequency order, after padding
         # and out-of-vocabulary ids).
         self.ours = kn.data.encode(vectorizer, "".join(sorted(set(text)))).astype("int32")
@@ -224,10 +227,21 @@ class OurRecipe:
 
     def train(self, start, end):
         rows = slice(start * self.batch_size, end * self.batch_size)
-        self.model.fit(self.x[rows], self.y[rows], batch_size=self.batch_size, shuffle=False, verbose=0)
+        self.model.fit(batched(self.x[rows], self.y[rows], self.batch_size), verbose=0)
 
     def score(self, x, y):
-        return float(self.model.evaluate(self.ours[x], self.ours[y], batch_size=12, verbose=0)[0])
+        return float(self.model.evaluate(batched(self.ours[x], self.ours[y], 12), verbose=0)[0])
+
+
+def batched(x, y, batch_size):
+    """`(x, y)` in order as a tf.data pipeline with autotuning off. Keras turns numpy arrays into an
+    autotuned pipeline, and deleting its iterator at the end of `fit` waits for the autotuning thread's
+    sleep (doubling periods), so a 50-step `fit` of 11 s took 20.5 s (see `kn.data.make_datasets`)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(4).with_options(options)
 
 
 class NanoGPTRecipe:
