@@ -292,6 +292,13 @@ def test_layout_map_covers_every_large_kernel():
                  "mlp/kernel", "mlp_output/kernel", "head/kernel"):
         assert any(part in path for path in sharded), part
     assert all(len(v.shape) == 2 for v in model.weights if v.path in sharded)
+    # The modern layout: its matrices sharded the same way, its new weights (the query and key norms'
+    # scales, RMSNorm scales; rotary positions have none) replicated on purpose, as all 1-D weights are.
+    modern = kn.NanoGPT.from_config_name("nano-modern", vocabulary_size=50)
+    split = {v.path for v in modern.weights if layouts[v.path] is not None}
+    assert {v.path for v in modern.weights if len(v.shape) == 2} == split
+    for part in ("query_norm", "key_norm"):
+        assert any(part in v.path for v in modern.weights if v.path not in split), part
     with pytest.raises(ValueError, match="model_axis|axis"):
         kn.distribute.layout_map(mesh, model_axis="tensor")
 
