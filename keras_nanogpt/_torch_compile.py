@@ -19,9 +19,8 @@ probabilities) is one graph:
 3. Random samplers draw outside the graph: keras-hub's `get_next_token` with Keras's seeded torch
    generators, exactly as the eager step draws, so a seed gives the same tokens on either path.
 
-When: a step is compiled once the time it would save (the time already spent running it
-eagerly, plus the window's remaining tokens at the measured eager rate, times the share of it a
-compiled step saves: none on CPU, measured, all of it on CUDA) reaches the expected
+When: a step is compiled once the eager time it would save (the time already spent running it
+eagerly, plus the window's remaining tokens at the measured eager rate) reaches the expected
 compilation time (`expected_compile_seconds`: less where TorchInductor's disk caches hold the
 step already, which a record of earlier compilations beside them tells). As in
 the ski-rental problem, that never costs more than about twice the better choice made in
@@ -32,7 +31,6 @@ hindsight, and a single short call never compiles. The environment variable
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -53,15 +51,6 @@ COMPILE_SECONDS = 30.0  # a first (cold) compilation of the 4-layer step on a 2-
 WARM_FRACTION = 0.25  # a compilation TorchInductor's disk caches already hold, against a cold one (measured)
 _cold_compile_seconds = []  # cold compilations measured in this process, most recent last
 compile_log = []  # every compilation in this process: {"seconds": ..., "cold": ...}, most recent last
-
-
-def _compiled_speedup():
-    """How many times faster a compiled step runs than the eager one on this device. On CPU,
-    measured: no faster (200 tokens of the 4-layer, 128-wide model: 239.7 ms compiled against 240.5
-    eager at batch 1, 943.9 against 871.5 at batch 8; benchmarks/RESULTS.md, issue 18), since the eager
-    step calls its sublayers directly; so "auto" compiles there only when a compilation costs nothing.
-    On CUDA (CUDA graphs; not measured here) it is taken to save the whole eager time."""
-    return math.inf if torch.cuda.is_available() else 1.0
 
 
 def compile_mode():
@@ -133,8 +122,7 @@ class _Step:
         if not self.eager_steps:  # measure the eager rate first
             return False
         rate = self.eager_seconds / self.eager_steps
-        saved = (self.eager_seconds + remaining * rate) * (1.0 - 1.0 / _compiled_speedup())
-        return saved >= expected_seconds
+        return self.eager_seconds + remaining * rate >= expected_seconds
 
 
 class Decoder:
