@@ -11,11 +11,13 @@ import keras_nanogpt as kn
 CONTEXT = 16
 
 
-def make_sharp_model(char_vectorizer):
-    """A small char model with large random weights, so greedy choices are never near-ties."""
-    keras.utils.set_random_seed(1)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer)
-    rng = np.random.default_rng(1)
+def make_sharp_model(char_vectorizer, seed=1, **options):
+    """A small char model with large random weights (`options`: NanoGPT arguments; zero-initialised
+    projections included), so greedy choices are never near-ties."""
+    keras.utils.set_random_seed(seed)
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer,
+                       **options)
+    rng = np.random.default_rng(seed)
     for variable in model.weights:
         if len(variable.shape) == 2:
             variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
-from test_generation import CONTEXT, reference_greedy
+from test_generation import CONTEXT, make_sharp_model, reference_greedy
 
 import keras_nanogpt as kn
 
@@ -17,16 +17,8 @@ MODERN = kn.model.MODERN
 
 
 def make_sharp_modern(char_vectorizer, **overrides):
-    """A small modern model with large random weights (zero-initialised projections included), so
-    greedy choices are never near-ties."""
-    keras.utils.set_random_seed(2)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer,
-                       **{**MODERN, **overrides})
-    rng = np.random.default_rng(2)
-    for variable in model.weights:
-        if len(variable.shape) == 2:
-            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
-    return model
+    """A small modern model with large random weights, so greedy choices are never near-ties."""
+    return make_sharp_model(char_vectorizer, seed=2, **{**MODERN, **overrides})
 
 
 @pytest.fixture(scope="module")
