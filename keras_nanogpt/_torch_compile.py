@@ -1,32 +1,32 @@
-"""PyTorch backend only: generation's decode loop with one token's step compiled by TorchInductor,
-or run eagerly where compiling would not pay for itself.
+"""PyTorch backend only: generation's decode loop, one token's step run as a traced ATen graph,
+compiled by TorchInductor where that pays, or run eagerly where neither does.
 
-Run eagerly, a token costs Keras's Python overhead for each of its ~44 layer calls (about 15 ms a
-token at 4 layers x 128 wide on two CPU cores), far more than its arithmetic. Compiled, the step
+Run eagerly, a token costs Keras's Python overhead for each of its ~44 layer calls (5-10 ms a token
+at 4 layers x 128 wide on two CPU cores), far more than its arithmetic. The step
 (`generation._TokenStep`: write the previous token, run the model on it, the sampler's
-probabilities) is one graph:
+probabilities) is instead:
 
-1. `make_fx` traces the step once into ATen operations, with the model's weights as inputs (Keras's
-   layer machinery runs only while tracing: one model definition, no copy of it in plain torch).
-   The KV cache's updates are copied back into the cache's own buffers, so the compiled graph
-   writes one position a token in place instead of copying the cache.
-2. `torch._inductor.compile` compiles the graph for its static shapes, with CUDA graphs on a GPU.
-   There is one graph per sampler kind and shape (batch, window, stop sequences, dtypes), shared by
-   the model's samplers and reused across prompts, seeds and training; the cache index is a tensor
-   input, so no token recompiles. TorchInductor's on-disk caches (`TORCHINDUCTOR_CACHE_DIR`,
-   `/tmp/torchinductor_<user>` by default) make a later process's compilation of the same graph
-   cheaper.
-3. Random samplers draw outside the graph: keras-hub's `get_next_token` with Keras's seeded torch
-   generators, exactly as the eager step draws, so a seed gives the same tokens on either path.
+1. traced once by `_torch_tracing.trace` into a lean ATen graph with the model's weights as inputs
+   (Keras's layer machinery runs only while tracing: one model definition, no copy of it in plain
+   torch); the KV cache is updated in its own buffers, one position a token;
+2. or compiled by TorchInductor (`_torch_tracing.inductor`) from the same graph, with CUDA graphs
+   on a GPU: faster again, but 15-30 s on a cold cache (about 1 s where TorchInductor's on-disk
+   caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step).
 
-When: a step is compiled once the eager time it would save (the time already spent running it
-eagerly, plus the window's remaining tokens at the measured eager rate) reaches the expected
-compilation time (`expected_compile_seconds`: less where TorchInductor's disk caches hold the
-step already, which a record of earlier compilations beside them tells). As in
-the ski-rental problem, that never costs more than about twice the better choice made in
-hindsight, and a single short call never compiles. The environment variable
-`KERAS_NANOGPT_TORCH_COMPILE` overrides the choice: `always` compiles at once, `never` never;
-`auto` is the default.
+There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
+model's samplers and reused across prompts, seeds and training; the cache index is a tensor input,
+so no token retraces. The sampler's draw (keras-hub's `get_next_token`) is a small traced graph of
+its own per sampler, with Keras's seeded categorical draw as one operator (`_seeded_categorical`):
+a seed gives the same tokens on every path.
+
+When: as in the ski-rental problem, a step moves up (eager -> graph -> TorchInductor) once the time
+it would save, the time already spent at its level plus the window's remaining tokens at the
+measured rate, reaches the expected cost of the move (`expected_trace_seconds`,
+`expected_compile_seconds`: less where TorchInductor's disk caches hold the step already, which a
+record of earlier compilations beside them tells). That never costs more than about twice the best
+choice made in hindsight. `KERAS_NANOGPT_TORCH_COMPILE` overrides the choice: `always` compiles
+with TorchInductor at once, `trace` runs the graph and never compiles, `never` stays eager; `auto`
+is the default.
 """
 
 import hashlib
@@ -39,14 +39,12 @@ import warnings
 import keras
 import torch
 from keras import ops
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from keras_nanogpt import _files
+from keras_nanogpt import _files, _torch_tracing
 
 ENVIRONMENT_VARIABLE = "KERAS_NANOGPT_TORCH_COMPILE"
-MODES = ("auto", "always", "never")
+MODES = ("auto", "always", "trace", "never")
 COMPILE_SECONDS = 30.0  # a first (cold) compilation of the 4-layer step on a 2-core CPU (RESULTS.md)
 WARM_FRACTION = 0.25  # a compilation TorchInductor's disk caches already hold, against a cold one (measured)
 _cold_compile_seconds = []  # cold compilations measured in this process, most recent last
@@ -100,29 +98,50 @@ def expected_compile_seconds(key):
     return _cold_compile_seconds[-1] if _cold_compile_seconds else COMPILE_SECONDS
 
 
+TRACE_SECONDS = 1.0  # a first trace of the 4-layer step on a 2-core CPU, before one is measured (RESULTS.md)
+_trace_seconds = []  # traces measured in this process, most recent last
+
+
+def expected_trace_seconds():
+    """How long tracing a step is expected to take: as long as the last one in this process, else
+    `TRACE_SECONDS`."""
+    return _trace_seconds[-1] if _trace_seconds else TRACE_SECONDS
+
+
 class _Step:
-    """The compiled step for one sampler kind and signature (None until compiled), and the time
-    spent running it eagerly."""
+    """One sampler kind and signature's step: its traced graph and TorchInductor function (None until
+    made), and the time spent running it eagerly and as a graph."""
 
     def __init__(self, key):
         self.key = key  # a digest of the model's config, the sampler kind, the shapes and versions
+        self.graph = None
         self.function = None
-        self.failed = False
-        self.eager_seconds = 0.0
-        self.eager_steps = 0
+        self.failed = False  # TorchInductor failed here once: never again
+        self.seconds = {"eager": 0.0, "graph": 0.0}  # after each level's first step (one-off costs)
+        self.steps = {"eager": 0, "graph": 0}
         self.lock = threading.Lock()
 
-    def pays_to_compile(self, mode, remaining, expected_seconds):
-        """Whether compiling now pays for itself under `mode`, with `remaining` tokens to go and
-        `expected_seconds` of compilation."""
-        if self.failed or mode == "never":
-            return False
+    def level(self):
+        return "compiled" if self.function else "graph" if self.graph else "eager"
+
+    def next_level(self, mode, remaining):
+        """The level to move to now under `mode` ("graph" or "compiled"), with `remaining` tokens to
+        go, or None to stay."""
+        level = self.level()
+        if level == "compiled" or mode == "never":
+            return None
         if mode == "always":
-            return True
-        if not self.eager_steps:  # measure the eager rate first
-            return False
-        rate = self.eager_seconds / self.eager_steps
-        return self.eager_seconds + remaining * rate >= expected_seconds
+            return None if self.failed else "compiled"
+        if mode == "trace":
+            return "graph" if level == "eager" else None
+        if self.steps[level] < 2:  # measure this level's rate first (its first step has one-off costs)
+            return None
+        saved = self.seconds[level] * (1 + remaining / (self.steps[level] - 1))
+        if not self.failed and saved >= expected_compile_seconds(self.key):
+            return "compiled"
+        if level == "eager" and saved >= expected_trace_seconds():
+            return "graph"
+        return None
 
 
 class Decoder:
@@ -134,7 +153,7 @@ class Decoder:
         sampler: the keras-hub token sampler.
         parts: its `generation._TokenStep`.
         steps: the model's dict of `_Step`s, shared by its samplers.
-        on_compile: called once for each compilation (generation counts them as traces).
+        on_compile: called once for each trace of a step (generation counts them as traces).
     """
 
     def __init__(self, model, sampler, parts, steps, on_compile):
@@ -142,8 +161,9 @@ class Decoder:
         self.parts = parts
         self.steps = steps
         self.on_compile = on_compile
-        # Samplers share a graph where their steps are the same computation (keras-hub's token
-        # samplers differ only in `get_next_token`, which runs outside the graph).
+        self.draws = {}  # traced draws by signature
+        # Samplers share a step where their steps are the same computation (keras-hub's token
+        # samplers differ only in `get_next_token`, the draw).
         self.kind = (type(sampler).compute_probabilities, float(sampler.temperature))
 
     def __call__(self, tokens, cache, index, end, lengths, limit, seeds, tail, done, stops,
@@ -161,7 +181,6 @@ class Decoder:
         if step is None:
             step = self.steps.setdefault(signature, _Step(self._digest(signature)))
         last = min(end, int(limit.max()))  # this window's last slot that any row wants
-        expected = None if step.function or mode != "auto" else expected_compile_seconds(step.key)
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             if tokens.device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
@@ -169,24 +188,30 @@ class Decoder:
                     torch._dynamo.mark_static_address(tensor, guard=False)
             while True:
                 position = torch.tensor(index, dtype=torch.int32, device=tokens.device)
-                if step.function is None and step.pays_to_compile(mode, last - index, expected):
-                    self._compile(step, weights, tokens, cache, position, token, write, constants)
-                if step.function is not None:
-                    tokens, tail, done, running, probabilities = step.function(
-                        *weights, tokens, *cache, position, token, write, lengths, limit, tail, done,
-                        stops, temperature, bias)
-                else:
+                target = step.next_level(mode, last - index)
+                if target:
+                    self._move_up(step, target, weights, tokens, cache, position, token, write, constants)
+                level = step.level()
+                if level == "eager":
                     start = time.perf_counter()
                     tokens, pairs, tail, done, running, probabilities = self.parts.step(
                         tokens, _pairs(cache), position, token, write, lengths, limit, tail, done,
                         stops, temperature, bias)
                     cache = [tensor for pair in pairs for tensor in pair]
-                    step.eager_seconds += time.perf_counter() - start
-                    step.eager_steps += 1
+                else:
+                    function = step.function or step.graph
+                    start = time.perf_counter()
+                    tokens, tail, done, running, probabilities = function(
+                        *weights, tokens, *cache, position, token, write, lengths, limit, tail, done,
+                        stops, temperature, bias)
                 constants = (lengths, limit, tail, done, stops, temperature, bias)
                 if not bool(running):
                     break
-                token, seeds = self.parts.draw(probabilities, seeds)
+                token, seeds = self._draw(level, probabilities, seeds)
+                if level != "compiled":
+                    if step.steps[level]:
+                        step.seconds[level] += time.perf_counter() - start
+                    step.steps[level] += 1
                 index += 1
                 if index >= end:  # the window's last token: written without running the model
                     last_slot = torch.tensor(index - 1, dtype=torch.int32, device=tokens.device)
@@ -195,6 +220,18 @@ class Decoder:
                     break
                 write = torch.tensor(True, device=tokens.device)
         return tokens, _pairs(cache), index, seeds, tail, done
+
+    def _draw(self, level, probabilities, seeds):
+        """The sampler's tokens and new seed state: eagerly with an eager step, else as a traced graph."""
+        if level == "eager":
+            return self.parts.draw(probabilities, seeds)
+        seeds = list(seeds)
+        key = tuple((tuple(t.shape), t.dtype) for t in [probabilities, *seeds])
+        draw = self.draws.get(key)
+        if draw is None:
+            draw = self.draws[key] = _traced_draw(self.parts.draw, probabilities, seeds)
+        token, *seeds = draw(probabilities, *seeds)
+        return token, seeds
 
     def _signature(self, tokens, cache, token, constants):
         tensors = [v.value for v in self.model.variables] + [tokens, *cache, token, *constants]
@@ -211,37 +248,44 @@ class Decoder:
                      function.__qualname__, temperature, [(s, str(d), t) for s, d, t in shapes]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def _compile(self, step, weights, tokens, cache, position, token, write, constants):
-        """Trace the step into ATen operations and compile it with TorchInductor (see the module)."""
+    def _move_up(self, step, target, weights, tokens, cache, position, token, write, constants):
+        """Trace the step (`target` "graph") or compile it with TorchInductor ("compiled")."""
         with step.lock:
-            if step.function is not None or step.failed:
+            if step.level() in (target, "compiled"):
                 return
+            example = [*weights, tokens, *cache, position, token, write, *constants]
+            arguments = (self.model, self.parts.step, len(weights), len(cache), example)
             start = time.perf_counter()
+            if target == "graph":
+                step.graph = _traced_step(*arguments)
+                _trace_seconds.append(time.perf_counter() - start)
+                self.on_compile()
+                return
             try:
-                step.function = _compiled_step(self.model, self.parts.step, len(weights), len(cache), [
-                    *weights, tokens, *cache, position, token, write, *constants])
-            except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay eager
+                step.function = _compiled_step(*arguments, step.graph)
+            except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was
                 step.failed = True
-                warnings.warn(f"Compiling the PyTorch decode step failed, so generation runs eagerly "
-                              f"(slower): {type(error).__name__}: {error}", RuntimeWarning, stacklevel=4)
+                warnings.warn(f"Compiling the PyTorch decode step failed, so generation runs "
+                              f"{'as a traced graph' if step.graph else 'eagerly'} (slower): "
+                              f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=4)
                 return
             seconds = time.perf_counter() - start
+            if step.graph is None:  # traced inside the compilation
+                self.on_compile()
             cold = step.key not in _records()
             if cold:
                 _cold_compile_seconds.append(seconds)
             compile_log.append({"seconds": round(seconds, 2), "cold": cold})
             _record(step.key, seconds)
-            self.on_compile()
 
 
 def _pairs(cache):
     return tuple(zip(cache[0::2], cache[1::2]))
 
 
-def _compiled_step(model, step, num_weights, num_cache, example):
-    """`step` as one TorchInductor graph over flat tensors: the weights, tokens, the cache's tensors
-    (updated in place), then the step's other arguments; returns `(tokens, tail, done, running,
-    probabilities)`."""
+def _flat_step(model, step, num_weights, num_cache):
+    """`step` as a function of flat tensors: the weights, tokens, the cache's tensors (updated in
+    place), then the step's other arguments; returns `(tokens, tail, done, running, probabilities)`."""
     variables = model.variables
 
     def flat_step(*tensors):
@@ -254,23 +298,65 @@ def _compiled_step(model, step, num_weights, num_cache, example):
             old.copy_(new)
         return tokens, tail, done, running, probabilities
 
-    # Trace on copies: tracing runs the step for real, and it writes into the cache.
-    example = [t if i < num_weights else t.clone() for i, t in enumerate(example)]
-    graph = make_fx(flat_step)(*example)
+    return flat_step
+
+
+def _copies(example, num_weights):
+    # Tracing runs the step for real, and it writes into the cache: trace on copies.
+    return [t if i < num_weights else t.clone() for i, t in enumerate(example)]
+
+
+def _traced_step(model, step, num_weights, num_cache, example):
+    """`_flat_step` traced into a lean ATen graph."""
+    return _torch_tracing.trace(_flat_step(model, step, num_weights, num_cache), _copies(example, num_weights))
+
+
+def _compiled_step(model, step, num_weights, num_cache, example, graph=None):
+    """`_flat_step` compiled by TorchInductor (from `graph`, where it was traced already)."""
     if example[0].device.type == "cuda":
         # CUDA graphs; the cache's buffers are static inputs (see `Decoder.__call__`).
         for tensor in example[:num_weights] + example[num_weights + 1:num_weights + 1 + num_cache]:
             torch._dynamo.mark_static_address(tensor, guard=False)
-        compiled = torch.compile(graph, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    else:
-        # TorchInductor without Dynamo (nothing left to trace, no guards to check at each token),
-        # given fake inputs with a shape environment as Dynamo gives it: its on-disk caches need one.
-        # One thread for its C++ kernels: one token's attention and norms are a few microseconds of
-        # work, and OpenMP's barriers inside a kernel cost more (milliseconds on a busy machine);
-        # the matrix multiplies stay ATen's, on all of torch's threads.
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-        compiled = torch._inductor.compile(
-            graph, [fake_mode.from_tensor(t, static_shapes=True) for t in example],
-            options={"cpp.threads": 1})
-    compiled(*example)  # compiles now where compiling waits for a first call
-    return compiled
+    example = _copies(example, num_weights)
+    if graph is None:
+        graph = make_fx(_flat_step(model, step, num_weights, num_cache))(*example)
+    return _torch_tracing.inductor(graph, example)
+
+
+@torch.library.custom_op("keras_nanogpt::seeded_categorical", mutates_args=())
+def _seeded_categorical(logits: torch.Tensor, seed: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Keras's torch `random.categorical` as one operator: a generator seeded from the two seed words
+    (their uint32 bits added, as `keras.src.backend.torch.random.torch_seed_generator` does)."""
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed(int(seed[0] + seed[1]) & 0xFFFFFFFF)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples, replacement=True, generator=generator)
+
+
+@_seeded_categorical.register_fake
+def _(logits, seed, num_samples):
+    return logits.new_empty((logits.shape[0], num_samples), dtype=torch.int64)
+
+
+def _traceable_categorical(logits, num_samples, dtype="int32", seed=None):
+    """`keras.random.categorical` on torch with its generator inside `_seeded_categorical`, so it traces."""
+    from keras.src.backend.torch.core import to_torch_dtype
+    from keras.src.random.seed_generator import draw_seed
+
+    return _seeded_categorical(ops.convert_to_tensor(logits), draw_seed(seed),
+                               int(num_samples)).type(to_torch_dtype(dtype))
+
+
+def _traced_draw(draw, probabilities, seeds):
+    """The sampler's `draw(probabilities, seeds) -> (tokens, seeds)` as a traced graph of flat tensors."""
+    from keras.src.backend.torch import random as torch_random
+
+    def flat_draw(probabilities, *seeds):
+        token, seeds = draw(probabilities, list(seeds))
+        return (token, *seeds)
+
+    original = torch_random.categorical
+    torch_random.categorical = _traceable_categorical  # while tracing only
+    try:
+        return _torch_tracing.trace(flat_draw, [probabilities, *[s.clone() for s in seeds]])
+    finally:
+        torch_random.categorical = original

@@ -1,5 +1,14 @@
-"""PyTorch backend only: the training step's optimizer in multi-tensor (`torch._foreach_*`) operations,
-and a warning where bfloat16 training would be slow.
+"""PyTorch backend only: the training step traced once into an ATen graph, the optimizer in multi-tensor
+(`torch._foreach_*`) operations, and a warning where bfloat16 training would be slow.
+
+Eagerly, Keras's torch trainer pays Python at every layer call of the forward pass, at every
+operation of the loss, the metrics and the optimizer: more, at nanoGPT's CPU recipe, than nanoGPT's
+own eager loop. `TracedTrainStep` traces Keras's own step (forward, loss, gradients, clipping, the
+optimizer's update, the loss tracker and metrics) once per input shape with `make_fx`, as one
+function of the variables' values (`_torch_tracing.trace`), and runs that graph at every step, the
+variables updated in place. Keras's `fit` loop around it is unchanged: callbacks, `validation_data`,
+logs, checkpoints and backups behave as with the eager step. Dropout draws from torch's global
+generator in the graph as eagerly, so a seed gives the same losses either way.
 
 Keras runs its multi-tensor AdamW on PyTorch only for `keras.optimizers.AdamW` itself; a subclass
 such as `training.MatrixDecayAdamW` falls back to one small update per variable, and Keras's
@@ -8,10 +17,15 @@ made the optimizer step 3-4x nanoGPT's (`clip_grad_norm_` + `torch.optim.AdamW`)
 benchmarks/RESULTS.md, issue 18.
 """
 
+import time
 import warnings
 
+import keras
 import torch
 from keras.src.backend.torch.optimizers.torch_adamw import AdamW as _KerasTorchAdamW
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_nanogpt import _torch_tracing
 
 
 class ForeachAdamW(_KerasTorchAdamW):
@@ -55,11 +69,118 @@ def _has_amx():
 
 
 def jit_compile_choice(jit_compile):
-    """`NanoGPT.compile`'s `jit_compile` on PyTorch: "auto" is False, the eager step.
+    """`NanoGPT.compile`'s `jit_compile` for Keras on PyTorch: "auto" is False (no `torch.compile`).
 
     Keras's `jit_compile=True` on PyTorch runs `torch.compile` over its whole train step; at
     nanoGPT's CPU recipe it was slower per step than the eager step (benchmarks/RESULTS.md,
-    issue 18), after a first step of a minute or more, so "auto" keeps the eager step (with direct
-    sublayer calls and multi-tensor optimizer updates, see `_sublayers` and `ForeachAdamW`).
+    issue 18), after a first step of a minute or more. "auto" runs `TracedTrainStep` instead
+    (`install_traced_step`).
     """
     return False if jit_compile == "auto" else jit_compile
+
+
+def install_traced_steps(model, jit_compile):
+    """Make `model.fit` and `model.evaluate` run `TracedStep`s (called by `NanoGPT.compile` after Keras's).
+
+    Only for `jit_compile="auto"` and one step per execution (Keras's limit on PyTorch, which it
+    reports itself); `run_eagerly=True` or `jit_compile=False` keep Keras's eager steps.
+    """
+    if jit_compile == "auto" and not model.run_eagerly and model.steps_per_execution == 1:
+        model.train_function = TracedStep(model, training=True)
+        model.test_function = TracedStep(model, training=False)
+
+
+class TracedStep:
+    """`model.train_function` (or `test_function`) on PyTorch: Keras's train (test) step as a traced ATen
+    graph, one per input signature.
+
+    Args:
+        model: a compiled Keras model.
+        training: the train step (forward, loss, gradients, optimizer update, metrics) or the test
+            step (forward, loss, metrics).
+
+    Example:
+        >>> model.train_function = TracedStep(model, training=True)  # doctest: +SKIP
+        >>> model.fit(dataset)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, training):
+        self.model = model
+        self.training = training
+        self.graphs = {}
+        self.traces = 0
+        self.trace_seconds = []
+
+    def __call__(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data[0])
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda t: None if t is None else keras.ops.convert_to_tensor(t), (x, y, sample_weight))
+        variables = self._variables()
+        inputs = [t for t in (x, y, sample_weight) if t is not None]
+        signature = (tuple(id(v) for v in variables), sample_weight is None,
+                     tuple((tuple(t.shape), t.dtype) for t in inputs))
+        if signature not in self.graphs:
+            try:
+                self.graphs[signature] = self._trace(variables, x, y, sample_weight)
+            except Exception as error:  # e.g. an optimizer that reads a tensor's value in Python
+                warnings.warn(f"Tracing the PyTorch {'train' if self.training else 'test'} step failed, so "
+                              f"it runs eagerly (slower): {type(error).__name__}: {str(error)[:300]}",
+                              RuntimeWarning, stacklevel=2)
+                self.graphs[signature] = None
+        graph = self.graphs[signature]
+        if graph is None:  # Keras's own eager step
+            step = self.model.train_step if self.training else self.model.test_step
+            return step(data[0])
+        with torch.no_grad():
+            graph(*[v.value for v in variables], *inputs)
+        return self.model.get_metrics_result()
+
+    def _variables(self):
+        model = self.model
+        metrics = [v for metric in model.metrics for v in metric.variables]
+        unique = {}
+        optimizer = model.optimizer.variables if self.training else []
+        for variable in (*model.trainable_variables, *model.non_trainable_variables, *optimizer, *metrics):
+            unique.setdefault(id(variable), variable)
+        return list(unique.values())
+
+    def _trace(self, variables, x, y, sample_weight):
+        model = self.model
+        trainable = model.trainable_variables
+        count = len(trainable)  # the first `count` variables, in order
+
+        def step(*tensors):
+            values, inputs = tensors[:len(variables)], list(tensors[len(variables):])
+            x, y = inputs[0], inputs[1]
+            weight = inputs[2] if sample_weight is not None else None
+            # Keras's TorchTrainer.train_step / test_step, with the gradients from autograd.grad.
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+                y_pred = model(x, training=self.training)
+                loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weight,
+                                           training=self.training)
+                model._loss_tracker.update_state(loss, sample_weight=x.shape[0])
+                if self.training:
+                    gradients = torch.autograd.grad(model.optimizer.scale_loss(loss), values[:count])
+                with torch.no_grad():
+                    if self.training:
+                        model.optimizer.apply(list(gradients), trainable)
+                    model.compute_metrics(x, y, y_pred, sample_weight=weight)
+                updates = [scope.get_current_value(v) for v in variables]
+            with torch.no_grad():
+                for value, update in zip(values, updates):
+                    if update is not None and update is not value:
+                        value.copy_(update)
+            return loss.detach()
+
+        start = time.perf_counter()
+        rng_state = torch.random.get_rng_state()  # tracing draws dropout masks once: undo that
+        example = [v.value.detach().clone().requires_grad_(self.training and i < count)
+                   for i, v in enumerate(variables)]
+        example += [t for t in (x, y, sample_weight) if t is not None]
+        try:
+            graph = _torch_tracing.trace(step, example)
+        finally:
+            torch.random.set_rng_state(rng_state)
+        self.trace_seconds.append(time.perf_counter() - start)
+        self.traces += 1
+        return graph

@@ -7,7 +7,6 @@ import keras
 from keras import ops
 
 from keras_nanogpt import _validation
-from keras_nanogpt._sublayers import call_sublayer
 
 
 def _serialize(initializer):
@@ -62,16 +61,16 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, token_ids, start_index=0):
-        embedded = call_sublayer(self.token_embedding, token_ids)  # (batch, time, hidden_dim)
+        embedded = self.token_embedding(token_ids)  # (batch, time, hidden_dim)
         if self.position_embedding is None:
             return embedded
         positions = ops.arange(ops.shape(token_ids)[1], dtype="int32") + start_index
-        return embedded + call_sublayer(self.position_embedding, positions)[None]
+        return embedded + self.position_embedding(positions)[None]
 
     def project_to_vocabulary(self, hidden):
         """Logits from hidden states with the (tied) token table: `hidden @ embeddings.T`
         (int8/int4 kernels of a quantized model included)."""
-        return call_sublayer(self.token_embedding, hidden, reverse=True)
+        return self.token_embedding(hidden, reverse=True)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.hidden_dim,)
@@ -179,22 +178,21 @@ class CausalSelfAttention(keras.layers.Layer):
             The output `(batch, time, hidden_dim)`, and the updated cache when one was given.
         """
         batch, time = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        qkv = call_sublayer(self.qkv_dense, inputs)  # (batch, time, 3 * hidden_dim)
+        qkv = self.qkv_dense(inputs)  # (batch, time, 3 * hidden_dim)
         qkv = ops.reshape(qkv, (batch, time, 3, self.num_heads, self.head_dim))
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.qk_norm:
-            query, key = call_sublayer(self.query_norm, query), call_sublayer(self.key_norm, key)
+            query, key = self.query_norm(query), self.key_norm(key)
         if self.rotary is not None:  # each token rotated by its absolute position in the window
             start = 0 if cache is None else cache_index
-            query = call_sublayer(self.rotary, query, start_index=start)
-            key = call_sublayer(self.rotary, key, start_index=start)
+            query = self.rotary(query, start_index=start)
+            key = self.rotary(key, start_index=start)
         if cache is None:
             attended = ops.dot_product_attention(query, key, value, is_causal=True)
         else:
             attended, cache = self._attend_with_cache(query, key, value, cache, cache_index)
         attended = ops.reshape(attended, (batch, time, self.hidden_dim))
-        outputs = call_sublayer(self.output_dropout, call_sublayer(self.output_dense, attended),
-                                training=training)
+        outputs = self.output_dropout(self.output_dense(attended), training=training)
         return outputs if cache is None else (outputs, cache)
 
     def _attend_with_cache(self, query, key, value, cache, cache_index):
@@ -312,14 +310,13 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, inputs, cache=None, cache_index=None, training=None):
         """Apply the block; with `cache` (see `CausalSelfAttention.call`) also return the new cache."""
-        attended = call_sublayer(self.attention, call_sublayer(self.attention_norm, inputs), cache=cache,
-                                 cache_index=cache_index, training=training)
+        attended = self.attention(self.attention_norm(inputs), cache=cache, cache_index=cache_index,
+                                  training=training)
         if cache is not None:
             attended, cache = attended
         x = inputs + attended
-        hidden = self._activation_fn(  # (batch, time, intermediate_dim)
-            call_sublayer(self.mlp_dense, call_sublayer(self.mlp_norm, x)))
-        x = x + call_sublayer(self.mlp_dropout, call_sublayer(self.mlp_output_dense, hidden), training=training)
+        hidden = self._activation_fn(self.mlp_dense(self.mlp_norm(x)))  # (batch, time, intermediate_dim)
+        x = x + self.mlp_dropout(self.mlp_output_dense(hidden), training=training)
         return x if cache is None else (x, cache)
 
     def compute_output_shape(self, input_shape):

@@ -9,7 +9,6 @@ import numpy as np
 from keras import ops
 
 from keras_nanogpt import _files, _validation
-from keras_nanogpt._sublayers import call_sublayer
 from keras_nanogpt.layers import (ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, TokenAndPositionEmbedding,
                                   TransformerBlock, make_norm)
 
@@ -163,11 +162,10 @@ class NanoGPT(keras.Model):
         return self._vectorizer_holder.value
 
     def call(self, token_ids, training=None):
-        x = call_sublayer(self.embedding_dropout, call_sublayer(self.embedding, token_ids),
-                          training=training)  # (batch, time, hidden)
+        x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
         for block in self.blocks:
-            x = call_sublayer(block, x, training=training)
-        return self._logits(call_sublayer(self.final_norm, x))
+            x = block(x, training=training)
+        return self._logits(self.final_norm(x))
 
     def call_with_cache(self, token_ids, cache, cache_index):
         """Run `token_ids` at positions `cache_index...` against a KV cache (no dropout).
@@ -182,12 +180,12 @@ class NanoGPT(keras.Model):
             `(batch, time, vocabulary_size)`, final hidden states `(batch, time, hidden_dim)` and
             the updated cache.
         """
-        x = call_sublayer(self.embedding, token_ids, start_index=cache_index)
+        x = self.embedding(token_ids, start_index=cache_index)
         layer_caches = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = call_sublayer(block, x, cache=layer_cache, cache_index=cache_index, training=False)
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, training=False)
             layer_caches.append(layer_cache)
-        hidden_states = call_sublayer(self.final_norm, x)
+        hidden_states = self.final_norm(x)
         return self._logits(hidden_states), hidden_states, tuple(layer_caches)
 
     def empty_cache(self, batch_size, max_length=None):
@@ -202,7 +200,7 @@ class NanoGPT(keras.Model):
 
     def _logits(self, hidden):
         logits = (self.embedding.project_to_vocabulary(hidden) if self.head is None
-                  else call_sublayer(self.head, hidden))
+                  else self.head(hidden))
         return ops.cast(logits, "float32")  # (batch, time, vocabulary_size), float32 under mixed precision
 
     def compile(self, optimizer=None, loss=None, metrics=None, jit_compile="auto", **kwargs):
@@ -220,6 +218,7 @@ class NanoGPT(keras.Model):
         if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
                 and not kwargs.get("run_eagerly") and self._distribute_strategy is None):
             jit_compile = True
+        requested = jit_compile
         if keras.backend.backend() == "torch":
             from keras_nanogpt import _torch_training
 
@@ -239,6 +238,8 @@ class NanoGPT(keras.Model):
             self._symbolic_build(data_batch=(ids, ids))
         except (ValueError, TypeError, RuntimeError):
             self.optimizer.build(self.trainable_variables)
+        if keras.backend.backend() == "torch":
+            _torch_training.install_traced_steps(self, requested)
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus a guard that stops with a clear error when the loss turns NaN/inf.
