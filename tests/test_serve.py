@@ -29,9 +29,7 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import BACKEND
-from test_generation import CONTEXT, make_sharp_model
+from conftest import BACKEND, CONTEXT, WAIT, ThreadServer, make_sharp_model
 
 import keras_nanogpt as kn
 from keras_nanogpt import cli, generation, serve
@@ -39,7 +37,6 @@ from keras_nanogpt import cli, generation, serve
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
 NAME = "tiny"
 CLIENTS = 32
-WAIT = 120  # seconds: the bound on any one wait below
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +50,6 @@ def model_file(tmp_path_factory, char_vectorizer):
 def reference(model_file):
     """The saved model, loaded apart from the servers' copies: what `generate` gives offline."""
     return kn.load_model(model_file)
-
-
-class ThreadServer:
-    """uvicorn serving `app` in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(256)
-        self.url = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + WAIT
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-
-    def health(self):
-        return httpx.get(self.url + "/health", timeout=WAIT).json()
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(WAIT)
 
 
 @pytest.fixture(scope="module")
