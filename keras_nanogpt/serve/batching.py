@@ -31,7 +31,7 @@ import logging
 import threading
 import warnings
 
-from keras_nanogpt import data, generation
+from keras_nanogpt import generation, tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -254,14 +254,11 @@ class Batcher:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for index, prompt in enumerate(request.prompts):
-                ids = data.encode(vectorizer, prompt)
                 name = "prompt" if len(request.prompts) == 1 else f"prompt[{index}]"
-                if ids.size == 0:
-                    return ("refused", f"`{name}` holds no tokens; give at least one character.", "prompt")
+                ids = tokenizers.prompt_ids(vectorizer, prompt, name)
                 if ids.size > self.max_prompt_tokens:
                     return ("refused", f"`{name}` is {ids.size} tokens long; this server takes at most "
                                        f"{self.max_prompt_tokens} (its --max-prompt-tokens).", "prompt")
-                data.warn_unknown(vectorizer, prompt, ids)
                 counts.append(int(ids.size))
         messages = [str(w.message) for w in caught]
         for message in messages:
