@@ -211,6 +211,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, workdir, tiny_model, capsys,
     assert not (tmp_path / "x.keras").exists()
 
 
+def test_bench_without_a_checkout_says_it_needs_one(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARK", "/site-packages/benchmarks/train_speed.py")
+    assert cli.main(["bench", "--steps", "2"]) == 2
+    assert "comes with a source checkout of keras_nanogpt, not with an installed package" in capsys.readouterr().err
+
+
 def test_bench_prints_the_training_speed_json():
     code, out, err = _finish(_start("bench", "--backends", BACKEND, "--precisions", "fp32", "--steps", "2",
                                     "--bursts", "1", "--steps-per-execution", "1", "--sequence-length", "16"))
