@@ -359,7 +359,7 @@ def prompt_ids(vectorizer, text, name="prompt"):
 
     Example:
         >>> prompt_ids(make_vectorizer("hello"), "hell").tolist()
-        [3, 2, 4, 4]
+        [4, 5, 2, 2]
     """
     if vectorizer is None:
         raise ValueError(f"A text `{name}` needs a model with a `vectorizer`; this model has none. "
