@@ -20,12 +20,12 @@ import json, os, sys, time
 sys.path.insert(0, sys.argv[3])
 import keras
 keras.distribution.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from keras_nanogpt import backup
-backup._agreed_signal(None)  # compile the all-gather
+from keras_nanogpt import distribute
+distribute.agreed_signal(None)  # compile the all-gather
 calls = int(sys.argv[4])
 start = time.perf_counter()
 for _ in range(calls):
-    backup._agreed_signal(None)
+    distribute.agreed_signal(None)
 print(json.dumps({"process": int(sys.argv[2]), "ms_per_step": (time.perf_counter() - start) * 1000 / calls}))
 """
 
