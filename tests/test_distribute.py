@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     distributed, _ = trained(strategy, start)
     differences = [float(np.max(np.abs(a - b)))
                    for a, b in zip(single.get_weights(), distributed.get_weights())]
-    moved = largest_difference(start, single.get_weights())
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(start, single.get_weights()))
     report = {"difference": max(differences), "moved": moved,
               "devices": len(keras.distribution.list_devices()) if backend == "jax" else
                          distributed.distribute_strategy.num_replicas_in_sync,
