@@ -10,24 +10,22 @@ collectives, one CPU device each) and times that question.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _common
 
 WORKER = """
 import json, os, sys, time
 sys.path.insert(0, sys.argv[3])
 import keras
 keras.distribution.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from keras_nanogpt import backup
-backup._agreed_signal(None)  # compile the all-gather
+from keras_nanogpt import distribute
+distribute.agreed_signal(None)  # compile the all-gather
 calls = int(sys.argv[4])
 start = time.perf_counter()
 for _ in range(calls):
-    backup._agreed_signal(None)
+    distribute.agreed_signal(None)
 print(json.dumps({"process": int(sys.argv[2]), "ms_per_step": (time.perf_counter() - start) * 1000 / calls}))
 """
 
@@ -36,17 +34,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    report = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "calls": args.calls,
-              "load_average_at_start": round(os.getloadavg()[0], 2)}
+    address = _common.free_address()
+    report = {**_common.machine(), "calls": args.calls}
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", TF_CPP_MIN_LOG_LEVEL="3")
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), ROOT, str(args.calls)], env=env,
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), _common.ROOT, str(args.calls)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
     results = [json.loads(w.communicate(timeout=600)[0].strip().splitlines()[-1]) for w in workers]
     report["ms_per_step"] = [round(r["ms_per_step"], 3) for r in results]
-    report["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    report["load_average_at_end"] = _common.load_average()
     print(json.dumps(report))
 
 

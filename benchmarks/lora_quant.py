@@ -26,10 +26,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+import _common
 
 CORPUS = "tinyshakespeare"
 
@@ -57,8 +57,7 @@ def main():
     if args.worker:
         print(json.dumps(WORKERS[args.worker[0]](args, *args.worker[1:])))
         return
-    results = {"model": args.gpt2 or f"{args.config} on {CORPUS} characters", "date": time.strftime("%Y-%m-%d"),
-               "cpus": os.cpu_count(), "load_average_at_start": round(os.getloadavg()[0], 2),
+    results = {"model": args.gpt2 or f"{args.config} on {CORPUS} characters", **_common.machine(),
                "settings": {k: v for k, v in vars(args).items() if k != "worker"}, "backends": {}}
     folder = tempfile.mkdtemp(prefix="lora_quant_")
     float_path = os.path.join(folder, "float32.keras")
@@ -75,17 +74,12 @@ def main():
                            for name, path in (("float32", float_path), ("int8", int8_path))}
         entry["ratios"] = ratios(entry)
         results["backends"][backend] = entry
-    results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
+    results["load_average_at_end"] = _common.load_average()
     print(json.dumps(results, indent=2))
 
 
 def run_worker(backend, *worker):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, __file__, *sys.argv[1:], "--worker", *worker]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-3:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _common.run_worker(__file__, backend, *worker)
 
 
 def ratios(entry):

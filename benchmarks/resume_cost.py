@@ -15,15 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common
+import keras
 
-import keras  # noqa: E402
-
-import keras_nanogpt as kn  # noqa: E402
+import keras_nanogpt as kn
 
 
 class _StepTimer(keras.callbacks.Callback):
@@ -46,8 +44,7 @@ def main():
     parser.add_argument("--skips", default="1000,5000", help="batches skipped, comma-separated")
     args = parser.parse_args()
     report = {"backend": keras.backend.backend(), "config": args.config, "batch_size": args.batch_size,
-              "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "load_average_at_start": round(os.getloadavg()[0], 2)}
+              **_common.machine()}
     keras.utils.set_random_seed(1337)
     text = kn.data.load_text("tinyshakespeare")
     vectorizer = kn.data.make_vectorizer(text)
@@ -99,7 +96,7 @@ def main():
         report["skip_over_step"] = {s: round(ms / step_ms, 4) for s, ms in per_batch.items()}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    report["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    report["load_average_at_end"] = _common.load_average()
     print(json.dumps(report))
 
 

@@ -26,9 +26,9 @@ import sys
 import tempfile
 import time
 
+import _common
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = (1, 8, 32)
 
 
@@ -66,7 +66,7 @@ def make_model(path):
 
 def start_server(model_path, max_tokens):
     script = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=_common.ROOT)
     process = subprocess.Popen([script, "serve", model_path, "--port", "0", "--log-level", "warning",
                                 "--max-tokens", str(max_tokens)],
                                env=environment, text=True, stdout=subprocess.PIPE)
@@ -130,7 +130,6 @@ def summary(clients, results, wall, max_tokens):
 def main(argv=None):
     args = parse_arguments(argv)
     load_start = os.getloadavg()
-    sys.path.insert(0, ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             import keras_nanogpt as kn

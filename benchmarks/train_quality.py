@@ -35,11 +35,11 @@ import argparse
 import inspect
 import json
 import math
-import os
 import resource
 import sys
 import time
 
+import _common
 import numpy as np
 
 from train_speed import nanogpt_model
@@ -113,15 +113,14 @@ def main():
 
     import keras_nanogpt as kn
 
-    load_at_start = round(os.getloadavg()[0], 2)
+    machine = _common.machine()
     if args.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
     text = kn.data.load_text("tinyshakespeare")
     runs = [run_seed(args, kn, text, int(seed)) for seed in args.seeds.split(",")]
     sides = list(runs[0]["final_val_loss"])
     results = {
-        "backend": keras.backend.backend(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-        "load_average_at_start": load_at_start, "load_average_at_end": round(os.getloadavg()[0], 2),
+        "backend": keras.backend.backend(), **machine, "load_average_at_end": _common.load_average(),
         "size": args.size, "steps": args.steps, "eval_batches": args.eval_batches, "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision,
         "command": " ".join(sys.argv),

@@ -5,12 +5,17 @@ import numbers
 import numpy as np
 
 
-def check_int(name, value, minimum=1):
-    """Return `value` as an int, or raise naming `name` when it is not an integer >= `minimum`."""
+def check_int(name, value, minimum=1, maximum=None, limit=None):
+    """Return `value` as an int, or raise naming `name` when it is not an integer in [`minimum`, `maximum`].
+
+    `limit` says where `maximum` comes from (e.g. "the server's --max-tokens").
+    """
+    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    allowed += f" ({limit})" if limit else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer >= {minimum}; got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value}.")
+        raise TypeError(f"`{name}` must be an integer {allowed}; got {value!r} ({type(value).__name__}).")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"`{name}` must be an integer {allowed}; got {value}.")
     return int(value)
 
 
@@ -44,3 +49,12 @@ def check_ids(name, ids, size):
         raise ValueError(f"`{name}` must hold token ids in [0, {size}) (the vocabulary); got "
                          f"{np.unique(bad)[:10].tolist()}.")
     return ids
+
+
+def check_text(text):
+    """Return `text`, or raise when it is not a non-empty str (a corpus to learn from or train on)."""
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str; got {type(text).__name__}. Use load_text() to read a file.")
+    if not text.strip():
+        raise ValueError("`text` is empty; give the text to train on (see load_text).")
+    return text

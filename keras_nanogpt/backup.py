@@ -3,19 +3,13 @@ and restores that check each backup and fall back to the previous one when it is
 
 `PreemptibleBackup` is a `fit` callback. Every `save_every` steps, and when SIGTERM or SIGINT arrives
 (a spot machine's preemption notice, Ctrl+C), it writes the model's variables (dropout seeds included),
-the optimizer's variables (any Keras optimizer: Adam, AdamW, Muon, ...) and the step into one file,
-`backup-<step>.npz` (a zip of `.npy` arrays and `manifest.json`), written to a temporary name and renamed.
-On a signal it lets the running step finish, writes the backup, prints one line and exits with status
-128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process the signal ended.
+the optimizer's variables and the step into one file, `backup-<step>.npz` (`.npy` arrays and
+`manifest.json`), atomically. On a signal it lets the running step finish, writes the backup, prints one
+line and exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
 
-Restoring reads the newest backup and checks it against the model (archive and checksums, variable
-count, shapes, dtypes, model configuration) before assigning anything; a damaged one is renamed
-`*.damaged` with a warning naming it and what was wrong, and the previous generation is used.
-
-Keras's own `BackupAndRestore` (3.15) keeps one weights file and a JSON step beside it, written in place:
-it handles no signal, resumes an integer `save_freq` backup at the start of its epoch (the steps after it
-run again), falls back to the older copy only on an `OSError` (not on a damaged JSON, a shape mismatch
-or another model's backup) and removes its backup when `fit` ends, before the model is saved.
+Restoring checks the newest backup against the model (archive, checksums, variable count, shapes, dtypes,
+configuration) before assigning anything; a damaged one is renamed `*.damaged` with a warning, and the
+previous generation is used. How this differs from Keras's `BackupAndRestore`: docs/preemption.md.
 """
 
 import contextlib
@@ -36,7 +30,7 @@ import zipfile
 import keras
 import numpy as np
 
-from keras_nanogpt import _files, _validation
+from keras_nanogpt import _files, _torch_random, _validation, distribute
 
 FORMAT = "keras_nanogpt.backup"
 VERSION = 1
@@ -94,11 +88,8 @@ class PreemptibleBackup(keras.callbacks.Callback):
         self.print_fn = print_fn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.interrupted_by = None
         self._restored_into = None  # the model `restore` filled, so that fit does not read again
-        self._step = 0
-        self._last_saved = None
-        self._epoch_base = 0
-        self._resumed_in_epoch = 0
-        self._done_in_epoch = 0
+        self._step, self._last_saved = 0, None
+        self._epoch_base = self._resumed_in_epoch = self._done_in_epoch = 0
         self._received = None
         self._previous_handlers = {}
         self._fit_code = ()
@@ -139,11 +130,11 @@ class PreemptibleBackup(keras.callbacks.Callback):
                     f"No backup in {self.directory!r} can be used: {listing}. Remove the folder "
                     f"{self.directory!r} to start training afresh (its backups are lost), or put back a good "
                     f"copy of one of these files.")
-        step = _agreed(step, "the step to resume from")
+        step = distribute.agreed(step, "the step to resume from")
         for path, reason in damaged:
             target = path + ".damaged"
             try:
-                if _process_index() == 0:
+                if distribute.process_index() == 0:
                     os.replace(path, target)
                 aside = f"it is set aside as {target!r}"
             except OSError as error:
@@ -167,7 +158,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
                 "epoch: pass `steps_per_epoch` to fit (or data whose length is known).")
         epoch, self._resumed_in_epoch = divmod(self._step, steps) if self._step else (0, 0)
         model._initial_epoch = epoch  # what Keras's BackupAndRestore sets too
-        self._processes = _process_count()
+        self._processes = distribute.process_count()
         self._install_handlers(model)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -178,7 +169,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
         if self._random_states:
             # Only now: making the data iterator draws from torch's generator, which the backed-up run did
             # before the backed-up step.
-            _set_random_states(self._random_states)
+            _torch_random.set_states(self._random_states)
             self._random_states = {}
 
     def on_train_batch_end(self, batch, logs=None):
@@ -210,7 +201,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
         """Remove the backups (and the folder when nothing else is in it); call it once the model is saved."""
         folder = glob.escape(self.directory)
         for path in glob.glob(os.path.join(folder, "backup-*")) + glob.glob(os.path.join(folder, ".backup-*")):
-            if _process_index() == 0 and os.path.exists(path):
+            if distribute.process_index() == 0 and os.path.exists(path):
                 os.remove(path)
         try:
             os.rmdir(self.directory)
@@ -223,17 +214,17 @@ class PreemptibleBackup(keras.callbacks.Callback):
         model = self.model  # under JAX this puts the training state back into the variables
         optimizer = model.optimizer
         variables = list(model.variables) + list(optimizer.variables)
-        arrays = [_host_array(v) for v in variables]  # every process takes part (multi-host gathers)
+        arrays = [distribute.host_array(v) for v in variables]  # every process takes part (multi-host gathers)
         path = os.path.join(self.directory, f"backup-{self._step:09d}.npz")
         failure = None
-        if _process_index() == 0:
+        if distribute.process_index() == 0:
             try:
                 write_backup(path, _manifest(self._step, _describe(model, optimizer, variables)), arrays,
-                             _random_states())
+                             _torch_random.states())
                 self._prune()
             except OSError as error:
                 failure = error
-        if _agreed(failure is None, "whether the backup was written", reduce=min) is not True:
+        if distribute.agreed(failure is None, "whether the backup was written", reduce=min) is not True:
             raise failure or OSError(errno.EIO, f"Process 0 could not write the backup {path!r}; see its log.")
         self._last_saved = self._step
         return path
@@ -286,7 +277,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
 
     def _stopped_for_signal(self):
         """Back up and stop (see `_stop_for_signal`) if a signal came, to any process under multi-host."""
-        received = _agreed_signal(self._received) if self._processes > 1 else self._received
+        received = distribute.agreed_signal(self._received) if self._processes > 1 else self._received
         if received is None or self.interrupted_by is not None:
             return False
         self._stop_for_signal(received)
@@ -384,35 +375,6 @@ def _random_member(name):
     return f"random_states/{name}.npy"
 
 
-def _random_states():
-    """The backend's own random-number state that training draws from, by name.
-
-    PyTorch's unseeded dropout (Keras's `Dropout` without a seed) draws from torch's global generator;
-    TensorFlow and JAX draw from the layers' seed-generator variables, which are model variables.
-    """
-    if keras.backend.backend() != "torch":
-        return {}
-    import torch
-
-    states = {"torch_cpu": torch.get_rng_state().numpy()}
-    if torch.cuda.is_available():
-        states.update({f"torch_cuda_{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
-def _set_random_states(states):
-    if keras.backend.backend() != "torch" or not states:
-        return
-    import torch
-
-    for name, state in states.items():
-        tensor = torch.from_numpy(np.array(state, dtype=np.uint8))
-        if name == "torch_cpu":
-            torch.set_rng_state(tensor)
-        elif name.startswith("torch_cuda_") and int(name.rsplit("_", 1)[1]) < torch.cuda.device_count():
-            torch.cuda.set_rng_state(tensor, int(name.rsplit("_", 1)[1]))
-
-
 def _numpy_dtype(name):
     try:
         return np.dtype(name)
@@ -484,56 +446,3 @@ def _built_optimizer(model):
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             optimizer.build(model.trainable_variables)
     return optimizer
-
-
-# -- JAX multi-host: one decision for all processes ------------------------------------------------------
-
-def _process_count():
-    if keras.backend.backend() != "jax":
-        return 1
-    import jax
-
-    return jax.process_count()
-
-
-def _process_index():
-    if keras.backend.backend() != "jax":
-        return 0
-    import jax
-
-    return jax.process_index()
-
-
-def _gather(value):
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
-
-
-def _agreed(value, what, reduce=None):
-    """`value` when every process has the same one (or `reduce` of them all); else an error naming `what`."""
-    if _process_count() == 1:
-        return value
-    values = _gather(np.int64(value)).tolist()
-    if reduce is not None:
-        return type(value)(reduce(values))
-    if len(set(values)) != 1:
-        raise ValueError(f"The processes disagree on {what}: {values}. Every process must read the same "
-                         f"backup folder (a shared file system).")
-    return value
-
-
-def _agreed_signal(received):
-    """The signal any process received (the first one by process order), or None: the same for all."""
-    numbers = [n for n in _gather(np.int32(received or 0)).tolist() if n]
-    return numbers[0] if numbers else None
-
-
-def _host_array(variable):
-    """A variable's value on the host, whole (gathered from every process where it is split across them)."""
-    value = variable.value
-    if _process_count() > 1 and not (value.is_fully_addressable or value.is_fully_replicated):
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    return np.asarray(keras.ops.convert_to_numpy(value))

@@ -22,6 +22,10 @@ import sys
 import tempfile
 import warnings
 
+# `bench`'s script: in a source checkout, beside the package; an installed package has no benchmarks/.
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                         "train_speed.py")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -104,7 +108,8 @@ def build_parser():
     quantize.add_argument("out", help="the quantized .keras file (weights and config; no optimizer state)")
     quantize.add_argument("--mode", default="int8", help="int8 (default), int4 or float8")
 
-    commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py)", add_help=False)
+    commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py: needs a source checkout)",
+                        add_help=False)
 
     serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions API and a playground")
     serve.add_argument("model")
@@ -387,15 +392,16 @@ def serve(args):
 
 
 def bench(argv):
-    """Run benchmarks/train_speed.py of this source checkout with `argv`."""
+    """Run benchmarks/train_speed.py of this source checkout with `argv` (an installed package has none)."""
     import runpy
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "train_speed.py")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"`bench` runs {script!r}, which needs a source checkout of keras_nanogpt.")
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    if not os.path.isfile(BENCHMARK):
+        raise FileNotFoundError(
+            f"`keras-nanogpt bench` runs benchmarks/train_speed.py, which comes with a source checkout of "
+            f"keras_nanogpt, not with an installed package (no {BENCHMARK!r}): clone the repository, "
+            f"`pip install -e .` there, and run `keras-nanogpt bench` again.")
+    sys.argv = [BENCHMARK, *argv]
+    runpy.run_path(BENCHMARK, run_name="__main__")
     return 0
 
 

@@ -19,6 +19,7 @@ import contextlib
 import os
 
 import keras
+import numpy as np
 
 from keras_nanogpt import _validation
 
@@ -134,3 +135,58 @@ def _initialize(job_addresses, num_processes, process_id):
 def _env_int(name):
     value = os.environ.get(name)
     return None if value is None else int(value)
+
+
+# -- JAX multi-host: one decision for all processes (PreemptibleBackup asks these every step) ---------------
+
+def process_count():
+    """Processes in this JAX multi-host run (1 on one host and on the other backends)."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def process_index():
+    """This process's index in a JAX multi-host run (0 on one host and on the other backends)."""
+    if keras.backend.backend() != "jax":
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def _gather(value):
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def agreed(value, what, reduce=None):
+    """`value` when every process has the same one (or `reduce` of them all); else an error naming `what`."""
+    if process_count() == 1:
+        return value
+    values = _gather(np.int64(value)).tolist()
+    if reduce is not None:
+        return type(value)(reduce(values))
+    if len(set(values)) != 1:
+        raise ValueError(f"The processes disagree on {what}: {values}. Every process must read the same "
+                         f"backup folder (a shared file system).")
+    return value
+
+
+def agreed_signal(received):
+    """The signal any process received (the first one by process order), or None: the same for all."""
+    numbers = [n for n in _gather(np.int32(received or 0)).tolist() if n]
+    return numbers[0] if numbers else None
+
+
+def host_array(variable):
+    """A variable's value on the host, whole (gathered from every process where it is split across them)."""
+    value = variable.value
+    if process_count() > 1 and not (value.is_fully_addressable or value.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(keras.ops.convert_to_numpy(value))

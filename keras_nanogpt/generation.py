@@ -381,19 +381,9 @@ def _prompt_rows(model, prompt):
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                    and all(isinstance(p, str) for p in prompt)):
         kind, texts = ("text", [prompt]) if isinstance(prompt, str) else ("texts", list(prompt))
-        if model.vectorizer is None:
-            raise ValueError("A text `prompt` needs a model with a `vectorizer`; this model has none. "
-                             "Pass token ids (batch, time) or build NanoGPT(..., vectorizer=...).")
-        from keras_nanogpt import data
+        from keras_nanogpt import tokenizers
 
-        rows = []
-        for text in texts:
-            ids = data.encode(model.vectorizer, text)
-            data.warn_unknown(model.vectorizer, text, ids)
-            if ids.size == 0:
-                raise ValueError(f"`prompt` {text!r} holds no tokens; give at least one.")
-            rows.append(ids.astype("int32"))
-        return kind, texts, rows
+        return kind, texts, [tokenizers.prompt_ids(model.vectorizer, text) for text in texts]
     try:
         ids = np.asarray(prompt)
     except ValueError:  # ragged lists

@@ -126,14 +126,10 @@ def bits_per_character(total_nll, num_characters):
 
 
 def _token_ids(model, inputs):
-    from keras_nanogpt import data
+    from keras_nanogpt import tokenizers
 
     if isinstance(inputs, str):
-        if model.vectorizer is None:
-            raise ValueError("Scoring text needs a model with a `vectorizer`; this model has none. "
-                             "Pass token ids instead.")
-        ids = data.encode(model.vectorizer, inputs)
-        data.warn_unknown(model.vectorizer, inputs, ids)
+        ids = tokenizers.prompt_ids(model.vectorizer, inputs, name="inputs")
     else:
         try:
             ids = np.asarray(inputs)

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import BACKEND, to_numpy
+from conftest import BACKEND, messages, to_numpy
 
 import keras_nanogpt as kn
 from keras_nanogpt import cli
@@ -26,13 +26,6 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
 TINY = ["--layers", "1", "--heads", "2", "--hidden-dim", "16", "--sequence-length", "16", "--batch-size", "8"]
 EVERY, STEPS = 10, 40
 PROMPT = "It is"
-# TensorFlow prints these while it is imported, before absl logging is set up, whatever
-# TF_CPP_MIN_LOG_LEVEL says; `import keras_nanogpt` imports TensorFlow before cli.py runs. The oneDNN
-# line comes only on CPUs where TensorFlow turns oneDNN on (AVX-512 VNNI / AMX hosts).
-TF_IMPORT_NOISE = re.compile(
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
-    r"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
-    r"|I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on")
 ERRORS = {  # the issue's three kinds of bad input: arguments, the message must hold
     "missing file": (["train", "--text", "/no/such/corpus.txt", "--out", "x.keras"], "'/no/such/corpus.txt'"),
     "bad flag value": (["train", "--text", "CORPUS", "--steps", "0", "--out", "x.keras"], "`--steps`"),
@@ -53,11 +46,6 @@ def _finish(process):
     """(exit code, stdout, stderr) of a started run."""
     out, err = process.communicate(timeout=600)
     return process.returncode, out, err
-
-
-def _messages(err):
-    """The lines of `err` that are not TensorFlow's import-time noise."""
-    return [line for line in err.splitlines() if line.strip() and not TF_IMPORT_NOISE.match(line)]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +112,7 @@ def test_train_resumes_after_sigkill(trained):
     model = kn.load_model(trained["m.keras"])
     assert int(to_numpy(model.optimizer.iterations)) == STEPS and model.sequence_length == 16
     assert not trained["ckpt"].exists()  # the backup goes once the model is saved
-    assert _messages(err) == []
+    assert messages(err) == []
 
 
 def test_train_plots_logs_samples_and_throughput(trained):
@@ -163,8 +151,8 @@ def test_export_writes_a_saved_model(trained):
     code, out, err = trained["export"]
     target = trained["serving"]
     if BACKEND == "torch":  # tf_saved_model needs TensorFlow or JAX: refused before any work
-        assert code == 2 and len(_messages(err)) == 1
-        assert _messages(err)[0].startswith("error:") and "KERAS_BACKEND=tensorflow" in err
+        assert code == 2 and len(messages(err)) == 1
+        assert messages(err)[0].startswith("error:") and "KERAS_BACKEND=tensorflow" in err
         assert os.listdir(target) == ["old"]
     else:
         assert code == 0, err
@@ -175,7 +163,7 @@ def test_export_writes_a_saved_model(trained):
 @pytest.mark.parametrize("name", ERRORS)
 def test_console_script_bad_input_is_one_line_and_exit_2(error_runs, workdir, name):
     code, out, err = _finish(error_runs[name])
-    lines = _messages(err)
+    lines = messages(err)
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("error:") and ERRORS[name][1] in lines[0]
     assert not (workdir / "x.keras").exists()
@@ -221,6 +209,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, workdir, tiny_model, capsys,
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.keras").exists()
+
+
+def test_bench_without_a_checkout_says_it_needs_one(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARK", "/site-packages/benchmarks/train_speed.py")
+    assert cli.main(["bench", "--steps", "2"]) == 2
+    assert "comes with a source checkout of keras_nanogpt, not with an installed package" in capsys.readouterr().err
 
 
 def test_bench_prints_the_training_speed_json():

@@ -9,7 +9,6 @@ device count is fixed when the backend starts. PyTorch: no Keras distribution AP
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, free_port, largest_difference
 
 import keras_nanogpt as kn
 
@@ -133,19 +132,9 @@ MULTI_HOST_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _weights(path):
     arrays = np.load(path)
     return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-
-
-def _largest_difference(weights, others):
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights, others))
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the multi-host path is keras.distribution on JAX")
@@ -159,7 +148,7 @@ def test_two_jax_processes_train_as_one(tmp_path):
     np.savez(tmp_path / "start.npz", *start)
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{_free_port()}",
+               KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{free_port()}",
                KERAS_DISTRIBUTION_NUM_PROCESSES="2")
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     workers = []
@@ -191,8 +180,8 @@ def test_two_jax_processes_train_as_one(tmp_path):
     assert all(r["processes"] == 2 and r["devices"] == 4 and r["local_devices"] == 2 for r in reports)
     first, second = (_weights(tmp_path / f"process{i}.npz") for i in range(2))
     assert all(np.array_equal(a, b) for a, b in zip(first, second))  # the processes agree exactly ...
-    assert _largest_difference(start, model.get_weights()) > 1e-3
-    assert _largest_difference(first, model.get_weights()) <= 1e-4  # ... and trained as one process did
+    assert largest_difference(start, model.get_weights()) > 1e-3
+    assert largest_difference(first, model.get_weights()) <= 1e-4  # ... and trained as one process did
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the multi-host path is keras.distribution on JAX")

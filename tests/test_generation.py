@@ -1,28 +1,11 @@
 """Generation: cached decoding equals a full recompute, samplers, seeds, stops, batches, streaming."""
 
-import keras
 import keras_hub
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import CONTEXT, make_sharp_model, reference_greedy, to_numpy
 
 import keras_nanogpt as kn
-
-CONTEXT = 16
-
-
-def make_sharp_model(char_vectorizer, seed=1, **options):
-    """A small char model with large random weights (`options`: NanoGPT arguments; zero-initialised
-    projections included), so greedy choices are never near-ties."""
-    keras.utils.set_random_seed(seed)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer,
-                       **options)
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        if len(variable.shape) == 2:
-            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
-    return model
-
 
 @pytest.fixture(scope="module")
 def sharp_model(char_vectorizer):
@@ -33,23 +16,6 @@ def sharp_model(char_vectorizer):
 @pytest.fixture()
 def trainable_model(char_vectorizer):
     return make_sharp_model(char_vectorizer)
-
-
-def reference_greedy(model, prompt, steps):
-    """The plain loop: recompute the whole context for each token and take the argmax.
-
-    Past the context it moves the context's start as generation.py documents: the window starts at
-    most `sequence_length` tokens back, and when it would overflow it restarts with the last
-    `sequence_length // 2` tokens.
-    """
-    tokens = list(prompt)
-    start = max(0, len(tokens) - model.sequence_length)
-    for _ in range(steps):
-        if len(tokens) - start > model.sequence_length:
-            start = len(tokens) - model.sequence_length // 2
-        logits = to_numpy(model(np.array([tokens[start:]], "int32")))
-        tokens.append(int(np.argmax(logits[0, -1])))
-    return tokens
 
 
 @pytest.mark.parametrize("prompt_length, steps", [(3, 10), (3, 3 * CONTEXT), (CONTEXT + 5, 20)])

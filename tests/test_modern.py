@@ -8,8 +8,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
-from test_generation import CONTEXT, make_sharp_model, reference_greedy
+from conftest import CONTEXT, make_sharp_model, reference_greedy, to_numpy
 
 import keras_nanogpt as kn
 

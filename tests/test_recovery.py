@@ -18,7 +18,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, to_numpy
+from conftest import BACKEND, free_port, largest_difference, messages, to_numpy
 
 import keras_nanogpt as kn
 from keras_nanogpt import cli
@@ -41,21 +40,12 @@ TRAIN = ["train", "--layers", "1", "--heads", "2", "--hidden-dim", "16", "--sequ
          "--batch-size", "8", "--dropout", "0.1", "--steps", str(STEPS), "--checkpoint-every", str(EVERY),
          "--validation-split", "0", "--verbose", "0"]  # no validation: one compilation less per run
 NOTICE = re.compile(r"^(SIG\w+): backed up step (\d+) to (\S+); the same command resumes from there\.$")
-TF_IMPORT_NOISE = re.compile(r"WARNING: All log messages before absl|I\d{4} [\d:.]+ +\d+ (cudart_stub|port)\.cc")
 
 
 def _environment(**extra):
     """This test's backend, KERAS_HOME and this checkout's package first, for the console script."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, KERAS_BACKEND=BACKEND, PYTHONPATH=path, **extra)
-
-
-def _messages(err):
-    return [line for line in err.splitlines() if line.strip() and not TF_IMPORT_NOISE.search(line)]
-
-
-def _largest_difference(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a.get_weights(), b.get_weights()))
 
 
 def _iterations(model):
@@ -127,7 +117,7 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
     assert "error" not in interrupted, interrupted.get("error")
     sent, err = interrupted["sent"], interrupted["err"]
     assert stopped.returncode == 143, err
-    (line,) = _messages(err)
+    (line,) = messages(err)
     name, step, path = NOTICE.match(line).groups()
     step = int(step)
     assert name == "SIGTERM" and EVERY <= step < STEPS and sent >= 1
@@ -146,7 +136,8 @@ def test_sigterm_backs_up_the_step_and_the_same_command_finishes_as_if_never_sto
     # The default recipe is the modern one, so Muon's state (and AdamW's beside it) came back too.
     assert isinstance(resumed.optimizer, kn.training.MatrixDecayMuon)
     assert resumed.get_config()["position_embedding"] == "rotary"
-    assert _largest_difference(resumed, never_stopped) <= 1e-5  # measured: 0.0 on all three backends
+    # measured: 0.0 on all three backends
+    assert largest_difference(resumed.get_weights(), never_stopped.get_weights()) <= 1e-5
 
 
 class _SignalDuringStep(keras.callbacks.Callback):
@@ -248,16 +239,10 @@ def test_sigint_during_fit_backs_up_and_a_resumed_fit_ends_as_one_never_stopped(
     history = model.fit(data.skip(step), steps_per_epoch=5, epochs=4, verbose=0, callbacks=[backup])
     assert len(history.history["loss"]) == 3  # epoch 2 (its last 2 steps), 3 and 4
     assert _iterations(model) == 20
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(tiny.weights(), never_stopped)) <= 1e-5  # measured: 0.0
+    assert largest_difference(tiny.weights(), never_stopped) <= 1e-5  # measured: 0.0
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["backup-000000015.npz", "backup-000000020.npz"]
     backup.delete()
     assert not (tmp_path / "ckpt").exists()
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the multi-host path is keras.distribution on JAX")
@@ -280,7 +265,7 @@ def test_sigterm_to_one_of_two_jax_processes_stops_both_at_one_step(tmp_path, co
                     p.kill()
                     p.communicate()
 
-    port = _free_port()
+    port = free_port()
     processes = [start(i, port) for i in range(2)]
     try:
         _, signalled = _interrupt(processes[1], tmp_path / "ckpt", signal.SIGTERM)  # process 1 only
@@ -290,13 +275,13 @@ def test_sigterm_to_one_of_two_jax_processes_stops_both_at_one_step(tmp_path, co
     steps = set()
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 143, err[-3000:]
-        (line,) = _messages(err)
+        (line,) = messages(err)
         name, step, path = NOTICE.match(line).groups()
         steps.add((int(step), path))
     ((step, path),) = steps  # both processes stopped at the same step and name the same file
     assert EVERY <= step < STEPS and kn.backup.read_backup(path)[0]["step"] == step
 
-    port = _free_port()
+    port = free_port()
     processes = [start(i, port) for i in range(2)]
     outputs = finish(processes)
     for process, (out, err) in zip(processes, outputs):
@@ -304,7 +289,8 @@ def test_sigterm_to_one_of_two_jax_processes_stops_both_at_one_step(tmp_path, co
         assert f"resuming from step {step}\n" in out
     first, second = (kn.load_model(tmp_path / f"m{i}.keras") for i in range(2))
     assert _iterations(first) == _iterations(second) == STEPS
-    assert _largest_difference(first, second) == 0.0  # (test_distribute: two processes train as one does)
+    # (test_distribute: two processes train as one does)
+    assert largest_difference(first.get_weights(), second.get_weights()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,9 +29,7 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import BACKEND
-from test_generation import CONTEXT, make_sharp_model
+from conftest import BACKEND, CONTEXT, WAIT, ThreadServer, make_sharp_model
 
 import keras_nanogpt as kn
 from keras_nanogpt import cli, generation, serve
@@ -39,7 +37,6 @@ from keras_nanogpt import cli, generation, serve
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
 NAME = "tiny"
 CLIENTS = 32
-WAIT = 120  # seconds: the bound on any one wait below
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +50,6 @@ def model_file(tmp_path_factory, char_vectorizer):
 def reference(model_file):
     """The saved model, loaded apart from the servers' copies: what `generate` gives offline."""
     return kn.load_model(model_file)
-
-
-class ThreadServer:
-    """uvicorn serving `app` in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(256)
-        self.url = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + WAIT
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-
-    def health(self):
-        return httpx.get(self.url + "/health", timeout=WAIT).json()
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +209,14 @@ def test_unknown_characters_are_served_with_the_warning(server):
 
 
 def test_an_unexpected_error_is_a_500_and_the_server_goes_on(server, monkeypatch):
-    encode = kn.data.encode
+    encode = kn.tokenizers.Tokenizer.encode
 
-    def failing(vectorizer, text):
+    def failing(tokenizer, text):
         if text == "BOOM":
             raise RuntimeError("the tokenizer broke")
-        return encode(vectorizer, text)
+        return encode(tokenizer, text)
 
-    monkeypatch.setattr(kn.data, "encode", failing)
+    monkeypatch.setattr(kn.tokenizers.Tokenizer, "encode", failing)
     response = httpx.post(server.url + "/v1/completions", json={"prompt": "BOOM"}, timeout=WAIT)
     assert response.status_code == 500 and "the tokenizer broke" in response.json()["error"]["message"]
     fine = httpx.post(server.url + "/v1/completions", json={"prompt": "It is", "max_tokens": 12,
@@ -263,15 +235,15 @@ BAD = [  # (body, status, param, a fragment of the message)
     ({"prompt": "a", "max_tokens": "10"}, 400, "max_tokens", "integer"),
     ({"prompt": "a", "max_tokens": 401}, 400, "max_tokens", "--max-tokens"),
     ({"prompt": "a", "temperature": True}, 400, "temperature", "number"),
-    ({"prompt": "a", "temperature": 2.5}, 400, "temperature", "[0, 2]"),
-    ({"prompt": "a", "top_p": 0}, 400, "top_p", "(0, 1]"),
-    ({"prompt": "a", "top_k": 0}, 400, "top_k", "integer from 1"),
-    ({"prompt": "a", "n": 0}, 400, "n", "integer from 1"),
+    ({"prompt": "a", "temperature": 2.5}, 400, "temperature", "[0.0, 2.0]"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p", "(0.0, 1.0]"),
+    ({"prompt": "a", "top_k": 0}, 400, "top_k", "integer >= 1"),
+    ({"prompt": "a", "n": 0}, 400, "n", "integer in [1, "),
     ({"prompt": ["a"] * 20, "n": 2}, 400, "n", "--max-batch"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream", "true or false"),
     ({"prompt": "a", "stop": [""]}, 400, "stop", "non-empty string"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "1 to 4"),
-    ({"prompt": "a", "seed": -1}, 400, "seed", "integer from 0"),
+    ({"prompt": "a", "seed": -1}, 400, "seed", "integer in [0, "),
     ({"prompt": "a", "logprobs": 3}, 400, "logprobs", "not supported"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed"),
     ({"prompt": "x" * 17}, 400, "prompt", "17 tokens long"),

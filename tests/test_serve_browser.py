@@ -15,11 +15,11 @@ import time
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from test_generation import CONTEXT, make_sharp_model
-from test_serve import NAME, WAIT, ThreadServer
+from conftest import CONTEXT, WAIT, ThreadServer, make_sharp_model
 
 from keras_nanogpt import serve
 
+NAME = "tiny"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]

@@ -1,0 +1,298 @@
+"""The ASGI app of `keras-nanogpt serve`: its routes, and each completion's response or event stream.
+
+Example:
+    >>> app = create_app(kn.load_model("pride.keras"))  # doctest: +SKIP
+    >>> # any ASGI server runs it, e.g. uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import keras
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from keras_nanogpt import _validation
+from keras_nanogpt.serve import batching, page
+from keras_nanogpt.serve.requests import APIError, completion_params, parse_json, read_body, unknown_model
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(model, name="nanogpt", api_key=None, max_batch=32, max_queue=64, max_tokens=512,
+               max_prompt_tokens=None, max_body_bytes=1 << 20, batch_wait_ms=5.0):
+    """The ASGI app serving `model`; its decode thread starts and stops with the app's lifespan.
+
+    Args:
+        model: a `NanoGPT` with a vectorizer (it must take text).
+        name: the model's name in the API (requests naming another model get a 404).
+        api_key: when set, `/v1/...` needs `Authorization: Bearer <api_key>` (401 otherwise).
+        max_batch: rows (prompts x n) in one decode batch, at most; one request's rows must fit.
+        max_queue: requests waiting outside a batch, at most; more get 429.
+        max_tokens: the largest `max_tokens` a request may ask for (400 above).
+        max_prompt_tokens: tokens in one prompt, at most (400 above); None: the model's context,
+            so that the model reads every prompt whole.
+        max_body_bytes: request body size, at most (413 above).
+        batch_wait_ms: a free decode thread starts a batch once no request came for this long.
+
+    Returns:
+        A Starlette app; `app.state.batcher` is its `batching.Batcher`.
+
+    Example:
+        >>> app = create_app(model, name="pride", api_key="secret")  # doctest: +SKIP
+    """
+    if model.vectorizer is None:
+        raise ValueError("`model` has no vectorizer, so it cannot read text prompts; serve a model "
+                         "trained with one (NanoGPT(..., vectorizer=...)).")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string; got {name!r}.")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("`api_key` must be a non-empty string or None.")
+    max_batch, max_queue, max_tokens, max_prompt_tokens, max_body_bytes, batch_wait_ms = check_limits(
+        max_batch, max_queue, max_tokens, max_prompt_tokens, max_body_bytes, batch_wait_ms)
+    batcher = batching.Batcher(model, max_batch=max_batch, max_queue=max_queue,
+                               max_prompt_tokens=max_prompt_tokens or model.sequence_length,
+                               batch_wait=batch_wait_ms / 1000)
+    service = _Service(model, name, api_key, batcher, max_tokens, max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+            await asyncio.to_thread(batcher.join)
+
+    app = Starlette(
+        routes=[Route("/", service.playground, methods=["GET"]),
+                Route("/health", service.health, methods=["GET"]),
+                Route("/v1/models", service.models, methods=["GET"]),
+                Route("/v1/models/{name:path}", service.model, methods=["GET"]),
+                Route("/v1/completions", service.completions, methods=["POST"])],
+        exception_handlers={404: _not_found, 405: _not_allowed},
+        lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
+
+
+def check_limits(max_batch=32, max_queue=64, max_tokens=512, max_prompt_tokens=None, max_body_bytes=1 << 20,
+                 batch_wait_ms=5.0):
+    """`create_app`'s limits, checked (so `run` refuses a bad one before loading the model)."""
+    if max_prompt_tokens is not None:
+        max_prompt_tokens = _validation.check_int("max_prompt_tokens", max_prompt_tokens)
+    return (_validation.check_int("max_batch", max_batch), _validation.check_int("max_queue", max_queue),
+            _validation.check_int("max_tokens", max_tokens), max_prompt_tokens,
+            _validation.check_int("max_body_bytes", max_body_bytes),
+            _validation.check_float("batch_wait_ms", batch_wait_ms, 0.0, 1000.0, high_inclusive=True))
+
+
+async def _not_found(request, exc):
+    return APIError(404, f"No route {request.method} {request.url.path}; this server has POST "
+                         f"/v1/completions, GET /v1/models, GET /health and GET /.", code="not_found").response()
+
+
+async def _not_allowed(request, exc):
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}.",
+                    code="method_not_allowed").response()
+
+
+class _Service:
+    """The route handlers of one app: the model's description, the checks, the streams."""
+
+    def __init__(self, model, name, api_key, batcher, max_tokens, max_body_bytes):
+        self.name, self.api_key, self.batcher = name, api_key, batcher
+        self.max_tokens, self.max_body_bytes = max_tokens, max_body_bytes
+        self.created = int(time.time())
+        self.card = {"id": name, "object": "model", "created": self.created, "owned_by": "keras-nanogpt",
+                     "parameters": int(model.count_params()), "context_length": int(model.sequence_length),
+                     "vocabulary_size": int(model.vocabulary_size), "layers": int(model.num_layers),
+                     "hidden_dim": int(model.hidden_dim), "backend": keras.backend.backend(),
+                     "max_tokens": max_tokens, "max_batch": batcher.max_batch,
+                     "max_prompt_tokens": batcher.max_prompt_tokens}
+        self.page, self.page_policy = page.page()
+
+    async def playground(self, request):
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": self.page_policy,
+                                                "X-Content-Type-Options": "nosniff"})
+
+    async def health(self, request):
+        closing = self.batcher.closing
+        return JSONResponse({"status": "shutting_down" if closing else "ok", "model": self.name,
+                             "auth": self.api_key is not None, **self.batcher.stats()},
+                            status_code=503 if closing else 200)
+
+    async def models(self, request):
+        if (error := self._unauthorized(request)) is not None:
+            return error.response()
+        return JSONResponse({"object": "list", "data": [self.card]})
+
+    async def model(self, request):
+        if (error := self._unauthorized(request)) is not None:
+            return error.response()
+        if request.path_params["name"] != self.name:
+            return unknown_model(request.path_params["name"], self.name).response()
+        return JSONResponse(self.card)
+
+    def _unauthorized(self, request):
+        if self.api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
+                             "the server was started with (--api-key).", code="invalid_api_key")
+
+    async def completions(self, request):
+        try:
+            if (error := self._unauthorized(request)) is not None:
+                raise error
+            body = await read_body(request, self.max_body_bytes)
+            params = completion_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
+            return await self._complete(request, params)
+        except APIError as error:
+            return error.response()
+
+    async def _complete(self, request, params):
+        loop = asyncio.get_running_loop()
+        queue = asyncio.Queue()
+
+        def deliver(events):
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(queue.put_nowait, events)
+
+        job = batching.Request(params["prompts"], params["n"], params["max_tokens"], params["sampling"], deliver)
+        try:
+            self.batcher.submit(job)
+        except batching.QueueFull as error:
+            raise APIError(429, f"The server is busy: {error} Retry shortly.", code="rate_limit_exceeded",
+                           kind="requests") from None
+        except batching.Closed as error:
+            raise APIError(503, str(error), kind="server_error") from None
+        answer = (await queue.get())[0]
+        if answer[0] == "refused":
+            raise APIError(400, answer[1], param=answer[2])
+        if answer[0] != "accepted":
+            raise APIError(503 if answer[0] == "closed" else 500, answer[1], kind="server_error")
+        completion = _Completion(self.name, params, prompt_tokens=sum(answer[1]), warnings=answer[2])
+        if params["stream"]:
+            return StreamingResponse(completion.stream(queue, job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await _until_disconnect(request, completion.collect(queue), job)
+        if isinstance(result, APIError):
+            return result.response()
+        return JSONResponse(result)
+
+
+class _Completion:
+    """One accepted request: its choices as they fill, and the response or the event stream."""
+
+    def __init__(self, name, params, prompt_tokens, warnings):
+        self.params = params
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                     "created": int(time.time()), "model": name}
+        rows = [p for p in params["prompts"] for _ in range(params["n"])]
+        self.texts = list(rows) if params["echo"] else [""] * len(rows)
+        self.echo = rows if params["echo"] else None
+        self.reasons = [None] * len(rows)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.warnings = warnings
+        self.include_usage = bool((params["stream_options"] or {}).get("include_usage"))
+
+    def usage(self):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def _take(self, event):
+        """Record a "text" or "finish" event; return an APIError for "closed"/"failed", else None."""
+        kind = event[0]
+        if kind == "text":
+            self.texts[event[1]] += event[2]
+        elif kind == "finish":
+            self.reasons[event[1]] = event[2]
+            self.completion_tokens += event[3]
+        elif kind in ("closed", "failed"):
+            return APIError(503 if kind == "closed" else 500, event[1], kind="server_error")
+        return None
+
+    async def collect(self, queue):
+        """The whole response (or an APIError), once every choice has finished."""
+        while True:
+            for event in await queue.get():
+                if (error := self._take(event)) is not None:
+                    return error
+                if event[0] == "done":
+                    choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+                               for i, (text, reason) in enumerate(zip(self.texts, self.reasons))]
+                    body = {**self.head, "choices": choices, "usage": self.usage()}
+                    if self.warnings:
+                        body["warnings"] = self.warnings
+                    return body
+
+    async def stream(self, queue, job):
+        """Server-sent events: one chunk per piece and choice, a finishing chunk per choice, [DONE]."""
+        first = {"warnings": self.warnings} if self.warnings else {}
+        try:
+            if self.echo is not None:
+                yield b"".join(self._chunk(i, text, None, first if i == 0 else {})
+                               for i, text in enumerate(self.echo))
+                first = {}
+            while True:
+                out = []
+                for event in await queue.get():
+                    if (error := self._take(event)) is not None:
+                        out.append(_event(error.body()))
+                        yield b"".join(out)
+                        return
+                    if event[0] == "text":
+                        out.append(self._chunk(event[1], event[2], None, first))
+                        first = {}
+                    elif event[0] == "finish":
+                        out.append(self._chunk(event[1], "", event[2], first))
+                        first = {}
+                    elif event[0] == "done":
+                        if self.include_usage:
+                            out.append(_event({**self.head, "choices": [], "usage": self.usage()}))
+                        out.append(b"data: [DONE]\n\n")
+                        yield b"".join(out)
+                        return
+                yield b"".join(out)
+        finally:
+            job.cancel()  # the client went away (or all is sent): no more tokens for this request
+
+    def _chunk(self, index, text, reason, extra):
+        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        body = {**self.head, "choices": [choice], **extra}
+        if self.include_usage:
+            body["usage"] = None
+        return _event(body)
+
+
+def _event(body):
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _until_disconnect(request, awaitable, job):
+    """Await `awaitable`, cancelling `job` (and returning None) if the client disconnects first."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        job.cancel()
+        work.cancel()
+        return APIError(499, "The client closed the request.")
+    finally:
+        watch.cancel()
