@@ -14,6 +14,7 @@ from export_decoding import main
 def session(directory, name):
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
     return onnxruntime.InferenceSession(os.path.join(directory, name), options,
                                         providers=["CPUExecutionProvider"])
 
