@@ -1,7 +1,7 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-from keras_nanogpt import (adapters, backup, callbacks, convert, data, distribute, generation, scoring, tokenizers,
-                           training)
+from keras_nanogpt import (adapters, backup, callbacks, convert, data, distribute, export, generation, saving, scoring,
+                           tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 from keras_nanogpt.scoring import score
@@ -20,7 +20,9 @@ __all__ = [
     "convert",
     "data",
     "distribute",
+    "export",
     "generation",
+    "saving",
     "scoring",
     "tokenizers",
     "training",

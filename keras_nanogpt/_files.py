@@ -7,6 +7,7 @@ and the cause, and leaves the old file as it was.
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 
 _HINTS = {
@@ -52,6 +53,38 @@ def atomic_path(path):
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary folder beside `path`; on success it replaces the folder `path` (the old one is
+    kept until the new one is in place, then removed).
+
+    Args:
+        path: the folder to write.
+
+    Example:
+        >>> with atomic_directory("serving") as tmp:  # doctest: +SKIP
+        ...     model.export(tmp)
+    """
+    target = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(target)
+    tmp = old = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
+        yield tmp
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".old", dir=parent)
+            os.replace(target, os.path.join(old, "previous"))
+        os.replace(tmp, target)
+        _fsync_directory(parent)
+    except OSError as error:
+        raise write_error(target, error) from error
+    finally:
+        for folder in (tmp, old):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes(path, data):

@@ -5,6 +5,7 @@
     keras-nanogpt generate pride.keras --prompt "It is a truth" --max-new-tokens 200 --top-k 40
     keras-nanogpt evaluate pride.keras --text pride_and_prejudice
     keras-nanogpt export pride.keras serving/
+    keras-nanogpt export --format onnx pride.keras pride_onnx/
     keras-nanogpt bench --backends tensorflow --precisions fp32
     keras-nanogpt serve pride.keras --port 8000
 
@@ -17,9 +18,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 
 # `bench`'s script: in a source checkout, beside the package; an installed package has no benchmarks/.
@@ -98,10 +97,14 @@ def build_parser():
     evaluate.add_argument("--validation-split", type=float, default=0.1)
     evaluate.add_argument("--batch-size", type=int, default=32)
 
-    export = commands.add_parser("export", help="write a serving artefact (Keras model.export)")
+    export = commands.add_parser("export", help="write a serving artefact: SavedModel, preset, ONNX or LiteRT")
     export.add_argument("model")
     export.add_argument("directory")
-    export.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model",))
+    export.add_argument("--format", default="tf_saved_model",
+                        choices=("tf_saved_model", "preset", "onnx", "litert"),
+                        help="onnx/litert: prefill and decode graphs and vocabulary.json, for "
+                             "examples/onnx_generate.py and examples/litert_generate.py")
+    export.add_argument("--quantize", choices=("int8",), help="litert: int8 weights")
 
     quantize = commands.add_parser("quantize", help="write a quantized copy of a saved model (for generate, serve)")
     quantize.add_argument("model")
@@ -339,29 +342,17 @@ def evaluate(args):
 
 
 def export(args):
-    import keras
-
     import keras_nanogpt as kn
 
-    if keras.backend.backend() == "torch":
-        raise ValueError("`--format tf_saved_model` needs the tensorflow or jax backend; run with "
-                         "KERAS_BACKEND=tensorflow (the .keras file loads under any backend).")
+    kn._validation.check_choice("--format", args.format, kn.export.FORMATS)
+    kn.export.check_backend(args.format)  # before loading the model
     model = kn.load_model(args.model)
+    kn.export.export(model, args.directory, format=args.format, quantize=args.quantize)
     target = os.path.abspath(args.directory)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(target))
-    try:
-        model.export(tmp, format=args.format, verbose=False,
-                     input_signature=[keras.InputSpec(shape=(None, None), dtype="int32")])
-        old = None
-        if os.path.exists(target):  # keep the old export until the new one is in place
-            old = tempfile.mkdtemp(prefix=".export-old-", dir=os.path.dirname(target))
-            os.replace(target, os.path.join(old, "previous"))
-        os.replace(tmp, target)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {args.model} to {target} ({args.format}); serve() maps int32 ids (batch, time) to logits")
+    usage = {"tf_saved_model": "serve() maps int32 ids (batch, time) to logits",
+             "preset": "kn.NanoGPT.from_preset loads it; keras_hub.upload_preset uploads it",
+             "onnx": "run examples/onnx_generate.py on it", "litert": "run examples/litert_generate.py on it"}
+    print(f"exported {args.model} to {target} ({args.format}); {usage[args.format]}")
     return 0
 
 

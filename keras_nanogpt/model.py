@@ -384,6 +384,31 @@ class NanoGPT(keras.Model):
         with _files.atomic_path(filepath) as tmp:
             super().save_weights(tmp, **kwargs)
 
+    def save_to_preset(self, preset_dir):
+        """Write a keras-hub preset folder: config.json, model.weights.h5, the tokenizer, metadata.json.
+
+        See `keras_nanogpt.saving.save_to_preset`; `keras_hub.upload_preset(uri, preset_dir)` uploads it.
+
+        Example:
+            >>> NanoGPT(65, 64, 2, 2, 32).save_to_preset("my_preset")  # doctest: +SKIP
+        """
+        from keras_nanogpt import saving
+
+        saving.save_to_preset(self, preset_dir)
+
+    @classmethod
+    def from_preset(cls, preset):
+        """Load a preset folder, or a remote one keras-hub resolves ("hf://user/name", "kaggle://...").
+
+        See `keras_nanogpt.saving.from_preset`.
+
+        Example:
+            >>> model = NanoGPT.from_preset("my_preset")  # doctest: +SKIP
+        """
+        from keras_nanogpt import saving
+
+        return saving.from_preset(preset)
+
     def get_config(self):
         from keras_nanogpt import adapters, data
 
