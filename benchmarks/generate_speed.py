@@ -12,18 +12,20 @@ call's time (compile + run), then alternates timed rounds of:
 - `nanogpt` (with `--nanogpt DIR`, a checkout of karpathy/nanoGPT whose `model.py` is imported, never
   copied): `GPT.generate` at the same configuration, in torch, same process.
 
-On PyTorch `cached` is what a user gets (the decode step compiled once the call's length pays for
-it, keras_nanogpt/_torch_compile.py); `cached_eager` runs the step eagerly (the path before issue 18)
-and `cached_compiled` compiles at once, its first call including the compilation (`compile_s`). With
-`--first-call-tokens N` a fresh model's first N-token call is timed by itself, the default choice
-against the eager path (`first_call_short_s`).
+On PyTorch `cached` is what a user gets (the default "auto": eager, a traced ATen graph or a
+TorchInductor compilation, whichever the call's length pays for, keras_nanogpt/_torch_compile.py);
+`cached_eager` runs the step eagerly, `cached_traced` as the traced graph (never compiled), and
+`cached_compiled` compiles at once, its first call including the compilation; each on its own model,
+so no path reuses another's step. With `--first-call-tokens N,M` a fresh process's first call of N
+(and M) tokens is timed by itself, the default choice against the eager path and nanoGPT's first call
+(`first_call_fresh_process_s`, the best of 2 processes each; import time excluded).
 
 Greedy decoding by default; `--top-k K` samples from the K most likely tokens on every side instead.
 Ratios compare medians measured side by side in the same process.
 
     python benchmarks/generate_speed.py --nanogpt ../nanoGPT
     python benchmarks/generate_speed.py --backends jax --batch-sizes 1 --rounds 5
-    python benchmarks/generate_speed.py --backends torch --top-k 40 --first-call-tokens 50 --nanogpt ../nanoGPT
+    python benchmarks/generate_speed.py --backends torch --top-k 40 --first-call-tokens 50,200 --nanogpt ../nanoGPT
 """
 
 import argparse
@@ -48,14 +50,18 @@ def parse_args(argv=None):
     parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
     parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: greedy)")
-    parser.add_argument("--first-call-tokens", type=int, default=None,
-                        help="also time a fresh model's first call of this many tokens")
+    parser.add_argument("--first-call-tokens", default=None,
+                        help="comma-separated: also time a fresh process's first call of this many tokens")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--first-call-worker", nargs=2, metavar=("TOKENS", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main():
     args = parse_args()
+    if args.first_call_worker:
+        print(json.dumps(first_call(args, int(args.first_call_worker[0]), args.first_call_worker[1])))
+        return
     if args.worker:
         print(json.dumps(worker(args, args.worker)))
         return
@@ -88,17 +94,17 @@ def worker(args, backend):
     run = {"backend": backend, "load_average_at_start": round(os.getloadavg()[0], 2), "batches": []}
     sampling = dict(top_k=args.top_k, seed=0) if args.top_k else dict(temperature=0)
     if args.first_call_tokens and backend == "torch":
-        run["first_call_short_s"] = first_call_short(args, sampling)
+        run["first_call_fresh_process_s"] = first_calls_in_fresh_processes(args)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         prompt = np.random.default_rng(0).integers(1, VOCABULARY, (batch, args.prompt_length)).astype("int32")
         methods = {"cached": lambda p=prompt: model.generate(p, args.new_tokens, **sampling)}
         if backend == "torch":
-            methods["cached_eager"] = torch_mode("never", lambda p=prompt: model.generate(
-                p, args.new_tokens, **sampling))
-            compiled = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)  # its own compiled steps
-            compiled.set_weights(model.get_weights())
-            methods["cached_compiled"] = torch_mode("always", lambda p=prompt: compiled.generate(
-                p, args.new_tokens, **sampling))
+            for name, mode in (("cached_eager", "never"), ("cached_traced", "trace"),
+                               ("cached_compiled", "always")):
+                other = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)  # its own steps
+                other.set_weights(model.get_weights())
+                methods[name] = torch_mode(mode, lambda p=prompt, m=other: m.generate(
+                    p, args.new_tokens, **sampling))
         if "recompute" not in skip:
             methods["recompute"] = recompute_loop(model, prompt, args.new_tokens)
         if "keras_hub" not in skip:
@@ -123,7 +129,7 @@ def worker(args, backend):
                  "first_call_s": {k: round(v, 3) for k, v in first.items()},
                  "ms": {k: round(v * 1000, 1) for k, v in median.items()},
                  "tokens_per_s": {k: round(batch * args.new_tokens / v, 1) for k, v in median.items()}}
-        for name in ("cached", "cached_compiled"):
+        for name in ("cached", "cached_traced", "cached_compiled"):
             if name in median:
                 entry[f"speedup_of_{name}"] = {k: round(v / median[name], 2) for k, v in median.items()
                                                if not k.startswith("cached")}
@@ -131,6 +137,7 @@ def worker(args, backend):
             from keras_nanogpt import _torch_compile
 
             entry["compilations"] = list(_torch_compile.compile_log)
+            entry["trace_seconds"] = [round(t, 3) for t in _torch_compile._trace_seconds]
         run["batches"].append(entry)
     run["load_average_at_end"] = round(os.getloadavg()[0], 2)
     return run
@@ -152,22 +159,40 @@ def torch_mode(mode, method):
     return run
 
 
-def first_call_short(args, sampling):
-    """Seconds of a fresh model's first call of `--first-call-tokens` tokens at batch 1: the default
-    choice ("auto") against the eager step ("never"), alternating fresh models, the best of 3 each."""
+def first_calls_in_fresh_processes(args):
+    """Seconds of a fresh process's first call of each `--first-call-tokens` count at batch 1: the default
+    choice ("auto"), the eager step ("never") and nanoGPT's `generate`, the best of 2 processes each."""
+    results = {}
+    for tokens in (int(t) for t in args.first_call_tokens.split(",")):
+        times = {"auto": [], "eager": [], "nanogpt": []}
+        for _ in range(2):
+            for name, mode in (("auto", "auto"), ("eager", "never"), ("nanogpt", "nanogpt")):
+                if mode == "nanogpt" and not args.nanogpt:
+                    continue
+                command = [sys.executable, __file__, *sys.argv[1:], "--first-call-worker", str(tokens), mode]
+                env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                times[name].append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+        results[str(tokens)] = {k: round(min(v), 3) for k, v in times.items() if v}
+    return results
+
+
+def first_call(args, tokens, mode):
+    """The first `tokens`-token call of this process (a fresh model) under `mode`, or of nanoGPT."""
     import numpy as np
 
-    import keras_nanogpt as kn
-
     prompt = np.random.default_rng(0).integers(1, VOCABULARY, (1, args.prompt_length)).astype("int32")
-    times = {"auto": [], "eager": []}
-    for _ in range(3):
-        for name, mode in (("auto", "auto"), ("eager", "never")):
-            model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
-            start = time.perf_counter()
-            torch_mode(mode, lambda: model.generate(prompt, args.first_call_tokens, **sampling))()
-            times[name].append(time.perf_counter() - start)
-    return {"tokens": args.first_call_tokens, **{k: round(min(v), 3) for k, v in times.items()}}
+    sampling = dict(top_k=args.top_k, seed=0) if args.top_k else dict(temperature=0)
+    if mode == "nanogpt":
+        method = nanogpt_generate(args, prompt, tokens)
+    else:
+        import keras_nanogpt as kn
+
+        model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
+        method = torch_mode(mode, lambda: model.generate(prompt, tokens, **sampling))
+    start = time.perf_counter()
+    method()
+    return {"seconds": time.perf_counter() - start}
 
 
 def recompute_loop(model, prompt, new_tokens):

@@ -9,6 +9,7 @@ config in the same process, alternating bursts with ours, and reports the ratio.
     python benchmarks/train_speed.py --nanogpt ../nanoGPT
     python benchmarks/train_speed.py --backends jax --precisions bf16 --config baby --bursts 2
     python benchmarks/train_speed.py --backends tensorflow --precisions fp32 --jit-compile auto,off
+    python benchmarks/train_speed.py --backends torch --precisions fp32 --jit-compile auto,off --nanogpt ../nanoGPT
 """
 
 import argparse
@@ -122,6 +123,7 @@ def worker(args, backend, precision, jit):
     tokens_per_step = args.batch_size * model.sequence_length
     flops_per_token = kn.callbacks.flops_per_token(model)
     run = {"backend": backend, "precision": precision, "jit_compile": model.jit_compile,
+           "train_step": type(model.train_function).__name__,  # TracedStep: PyTorch's traced graph
            "sequence_length": model.sequence_length,
            "parameters": model.count_params(), "ms_per_step": round(step * 1000, 2),
            "tokens_per_second": round(tokens_per_step / step),
