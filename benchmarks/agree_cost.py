@@ -7,7 +7,6 @@ collectives, one CPU device each) and times that question.
     python benchmarks/agree_cost.py --calls 200
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ print(json.dumps({"process": int(sys.argv[2]), "ms_per_step": (time.perf_counter
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     address = _common.free_address()

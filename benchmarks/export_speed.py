@@ -18,28 +18,25 @@ runtimes; tracing and compilation for ours). Ratios compare medians measured in 
     python benchmarks/export_speed.py --configs nano --rounds 5
 """
 
-import argparse
-import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
+import _common
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(_common.ROOT, "examples"))
 PROMPT = "First Citizen:\nBe"  # 17 characters
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--configs", default="nano,baby")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method, alternating")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
-    parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
+    _common.add_nanogpt_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -49,12 +46,12 @@ def main():
 
     results = {"backend": keras.backend.backend(), "prompt_characters": len(PROMPT),
                "new_tokens": args.new_tokens, "batch_size": 1, "sampling": "greedy",
-               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-               "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "configs": []}
+               **_common.machine(), "load_average_at_start": _common.load_averages(),  # all three here
+               "configs": []}
     for name in args.configs.split(","):
         results["configs"].append(run_config(args, name))
         print(json.dumps(results["configs"][-1]), file=sys.stderr, flush=True)
-    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # a busy machine slows every run
+    results["load_average_at_end"] = _common.load_averages()  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
 
@@ -94,27 +91,17 @@ def measure(args, name, model, vectorizer, folder):
     methods["ours"] = lambda: model.generate(PROMPT, max_new_tokens=args.new_tokens, temperature=0)
     if args.nanogpt:
         methods["nanogpt"] = nanogpt_generate(args, model, kn.data.encode(vectorizer, PROMPT))
-    first, outputs = {}, {}
-    for kind, method in methods.items():
-        start = time.perf_counter()
-        outputs[kind] = method()
-        first[kind] = round(time.perf_counter() - start, 3)
-    times = {kind: [] for kind in methods}
-    for _ in range(args.rounds):
-        for kind, method in methods.items():
-            start = time.perf_counter()
-            method()
-            times[kind].append(time.perf_counter() - start)
-    median = {kind: statistics.median(values) for kind, values in times.items()}
+    first, median, outputs = _common.time_methods(methods, args.rounds)
     ours_text = outputs["ours"]
     return {"config": name, "parameters": model.count_params(), "context": model.sequence_length,
             "bytes": sizes, "megabytes": {k: round(v / 1e6, 2) for k, v in sizes.items()}, "export_s": export_s,
-            "first_call_s": first, "ms": {k: round(v * 1000, 1) for k, v in median.items()},
+            "first_call_s": {k: round(v, 3) for k, v in first.items()},
+            "ms": {k: round(v * 1000, 1) for k, v in median.items()},
             "tokens_per_s": {k: round(args.new_tokens / v, 1) for k, v in median.items()},
             "speedup_over_nanogpt": {k: round(median["nanogpt"] / v, 2) for k, v in median.items()}
             if "nanogpt" in median else None,
             "greedy_equal_to_ours": {k: outputs[k] == ours_text for k in ("onnxruntime", "litert", "litert_int8")},
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "load_average": _common.load_averages()}
 
 
 def _files(folder):
@@ -140,23 +127,11 @@ def runtime_loop(kind, directory, new_tokens):
 
 
 def nanogpt_generate(args, model, prompt_ids):
-    sys.path.insert(0, os.path.abspath(args.nanogpt))
-    import torch
-    from model import GPT, GPTConfig  # nanoGPT's model.py
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
-        gpt = GPT(GPTConfig(block_size=model.sequence_length, vocab_size=model.vocabulary_size,
-                            n_layer=model.num_layers, n_head=model.num_heads, n_embd=model.hidden_dim,
-                            dropout=0.0, bias=False)).eval()
-    ids = torch.from_numpy(prompt_ids.astype("int64")[None])
-
-    def run():
-        with torch.no_grad():
-            return gpt.generate(ids, args.new_tokens, temperature=1.0, top_k=1)
-
-    return run
+    """nanoGPT's greedy `GPT.generate` at `model`'s size (`_common.nanogpt_generator`) after `prompt_ids`."""
+    return _common.nanogpt_generator(args.nanogpt, prompt_ids[None], args.new_tokens, threads=args.threads,
+                                     sequence_length=model.sequence_length, vocabulary_size=model.vocabulary_size,
+                                     num_layers=model.num_layers, num_heads=model.num_heads,
+                                     hidden_dim=model.hidden_dim)
 
 
 if __name__ == "__main__":

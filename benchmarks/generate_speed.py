@@ -31,23 +31,21 @@ Ratios compare medians measured side by side in the same process.
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import time
+
+import _common
 
 LAYERS, HEADS, WIDTH, CONTEXT, VOCABULARY = 4, 4, 128, 256, 96
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method, alternating")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
-    parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
+    _common.add_nanogpt_arguments(parser)
     parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: greedy)")
     parser.add_argument("--first-call-tokens", default=None,
@@ -68,17 +66,11 @@ def main():
     results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
                "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
                "sampling": f"top_k={args.top_k}" if args.top_k else "greedy",
-               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-               "load_average_at_start": round(os.getloadavg()[0], 2), "runs": []}
+               **_common.machine(), "runs": []}
     for backend in args.backends.split(","):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            results["runs"].append({"backend": backend, "error": done.stderr.strip().splitlines()[-3:]})
-        else:
-            results["runs"].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
+        run = _common.run_worker(__file__, backend, backend)
+        results["runs"].append({"backend": backend, **run} if "error" in run else run)
+    results["load_average_at_end"] = _common.load_average()  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
 
@@ -91,7 +83,7 @@ def worker(args, backend):
     keras.utils.set_random_seed(0)
     model = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
     skip = set(filter(None, args.skip.split(",")))
-    run = {"backend": backend, "load_average_at_start": round(os.getloadavg()[0], 2), "batches": []}
+    run = {"backend": backend, "load_average_at_start": _common.load_average(), "batches": []}
     sampling = dict(top_k=args.top_k, seed=0) if args.top_k else dict(temperature=0)
     if args.first_call_tokens and backend == "torch":
         run["first_call_fresh_process_s"] = first_calls_in_fresh_processes(args)
@@ -111,20 +103,7 @@ def worker(args, backend):
             methods["keras_hub"] = keras_hub_generate(prompt, args.new_tokens, args.top_k)
         if args.nanogpt and "nanogpt" not in skip:
             methods["nanogpt"] = nanogpt_generate(args, prompt, args.new_tokens)
-        first = {}
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method()
-            first[name] = time.perf_counter() - start
-            print(f"batch {batch}: {name} first call {first[name]:.2f} s", file=sys.stderr, flush=True)
-        times = {name: [] for name in methods}
-        for _ in range(args.rounds):
-            for name, method in methods.items():
-                start = time.perf_counter()
-                method()
-                times[name].append(time.perf_counter() - start)
-                print(f"batch {batch}: {name} {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
-        median = {name: statistics.median(values) for name, values in times.items()}
+        first, median, _ = _common.time_methods(methods, args.rounds, label=f"batch {batch}")
         entry = {"batch_size": batch,
                  "first_call_s": {k: round(v, 3) for k, v in first.items()},
                  "ms": {k: round(v * 1000, 1) for k, v in median.items()},
@@ -139,7 +118,7 @@ def worker(args, backend):
             entry["compilations"] = list(_torch_compile.compile_log)
             entry["trace_seconds"] = [round(t, 3) for t in _torch_compile._trace_seconds]
         run["batches"].append(entry)
-    run["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    run["load_average_at_end"] = _common.load_average()
     return run
 
 
@@ -169,10 +148,10 @@ def first_calls_in_fresh_processes(args):
             for name, mode in (("auto", "auto"), ("eager", "never"), ("nanogpt", "nanogpt")):
                 if mode == "nanogpt" and not args.nanogpt:
                     continue
-                command = [sys.executable, __file__, *sys.argv[1:], "--first-call-worker", str(tokens), mode]
-                env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
-                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-                times[name].append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+                done = _common.run_worker(__file__, "torch", str(tokens), mode, flag="--first-call-worker")
+                if "error" in done:
+                    raise RuntimeError(f"the first-call worker ({tokens} tokens, {mode}) failed: {done['error']}")
+                times[name].append(done["seconds"])
         results[str(tokens)] = {k: round(min(v), 3) for k, v in times.items() if v}
     return results
 
@@ -228,21 +207,10 @@ def keras_hub_generate(prompt, new_tokens, top_k=None):
 
 
 def nanogpt_generate(args, prompt, new_tokens):
-    sys.path.insert(0, os.path.abspath(args.nanogpt))
-    import torch
-    from model import GPT, GPTConfig  # nanoGPT's model.py
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCABULARY, n_layer=LAYERS, n_head=HEADS,
-                          n_embd=WIDTH, dropout=0.0, bias=False)).eval()
-    ids = torch.from_numpy(prompt.astype("int64"))
-
-    def run():
-        with torch.no_grad():
-            return model.generate(ids, new_tokens, temperature=1.0, top_k=args.top_k or 1)
-
-    return run
+    """nanoGPT's `GPT.generate` at this model's size (`_common.nanogpt_generator`), greedy unless --top-k."""
+    return _common.nanogpt_generator(args.nanogpt, prompt, new_tokens, top_k=args.top_k or 1, threads=args.threads,
+                                     sequence_length=CONTEXT, vocabulary_size=VOCABULARY, num_layers=LAYERS,
+                                     num_heads=HEADS, hidden_dim=WIDTH)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ own, so that its peak resident memory (`ru_maxrss`, which includes the framework
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ CORPUS = "tinyshakespeare"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--config", default="baby", choices=("nano", "baby"), help="the model's named size")
     parser.add_argument("--gpt2", help="a Hugging Face GPT-2 folder to fine-tune and quantize instead")
@@ -104,10 +103,6 @@ def ratios(entry):
 # -------------------------------------------------------------------------------------------------
 # Workers: each runs in its own process, under the backend its KERAS_BACKEND names.
 # -------------------------------------------------------------------------------------------------
-
-def peak_mb():
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
 
 def text_and_model(args):
     """The corpus and a fresh model for it (the GPT-2 folder's weights with --gpt2)."""
@@ -185,7 +180,7 @@ def finetune(args, method):
     return {"method": method, "trainable": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
             "parameters": int(sum(np.prod(v.shape) for v in model.weights)), "step_ms": round(step * 1000, 1),
             "tokens_per_s": round(tokens / step, 1), "first_step_s": round(times[0], 2),
-            "peak_mb": peak_mb(), "loss": round(history.history["loss"][-1], 4)}
+            "peak_mb": _common.peak_rss_mb(1), "loss": round(history.history["loss"][-1], 4)}
 
 
 def quantize(args, float_path, int8_path):
@@ -221,18 +216,11 @@ def compare(args, float_path, int8_path):
 
     models = {"float32": kn.load_model(float_path), "int8": kn.load_model(int8_path)}
     loss = {name: round(evaluation(args, model), 4) for name, model in models.items()}
-    first, times = {}, {name: [] for name in models}
-    for name, model in models.items():
-        start = time.perf_counter()
-        model.generate(prompt(model), args.new_tokens, temperature=0)
-        first[name] = round(time.perf_counter() - start, 2)
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.generate(prompt(model), args.new_tokens, temperature=0)
-            times[name].append(time.perf_counter() - start)
-    return {"loss": loss, "first_call_s": first,
-            "generate_ms": {name: round(statistics.median(t) * 1000, 1) for name, t in times.items()}}
+    first, median, _ = _common.time_methods(
+        {name: lambda m=model: m.generate(prompt(m), args.new_tokens, temperature=0) for name, model in models.items()},
+        args.rounds)
+    return {"loss": loss, "first_call_s": {name: round(s, 2) for name, s in first.items()},
+            "generate_ms": {name: round(s * 1000, 1) for name, s in median.items()}}
 
 
 def memory(args, path):
@@ -244,7 +232,7 @@ def memory(args, path):
     evaluation(args, model)
     model.generate(prompt(model), args.new_tokens, temperature=0)
     weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
-    return {"peak_mb": peak_mb(), "weight_bytes": weight_bytes}
+    return {"peak_mb": _common.peak_rss_mb(1), "weight_bytes": weight_bytes}
 
 
 WORKERS = {"train": train, "convert": convert, "finetune": finetune, "quantize": quantize, "compare": compare,

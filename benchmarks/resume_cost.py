@@ -11,7 +11,6 @@ In one process (the backend from KERAS_BACKEND) it measures, side by side in alt
     KERAS_BACKEND=jax python benchmarks/resume_cost.py --skips 1000,5000 --bursts 3
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ class _StepTimer(keras.callbacks.Callback):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--config", default="nano")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50, help="steps per timed burst")

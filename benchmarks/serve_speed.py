@@ -17,7 +17,6 @@ token (TTFT) and whole-request latency, p50/p95; `speedup` is tokens/s over the 
 The load average at the start and the end is in the JSON: the machine may be shared.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -33,7 +32,7 @@ LEVELS = (1, 8, 32)
 
 
 def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--model", help="a .keras file to serve (default: the nano config, made here)")
     parser.add_argument("--requests", type=int, default=64, help="requests per level (a multiple of 32)")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -129,7 +128,7 @@ def summary(clients, results, wall, max_tokens):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    load_start = os.getloadavg()
+    load_start = _common.load_averages()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             import keras_nanogpt as kn
@@ -167,8 +166,7 @@ def main(argv=None):
     print(json.dumps({"benchmark": "serve_speed", "backend": keras.backend.backend(), "model": described,
                       "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                       "requests_per_level": args.requests, "levels": levels,
-                      "load_average": {"start": [round(x, 2) for x in load_start],
-                                       "end": [round(x, 2) for x in os.getloadavg()]}}, indent=1))
+                      "load_average": {"start": load_start, "end": _common.load_averages()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,18 +31,14 @@ and each recipe's steps and seconds to the target: nanoGPT's loss after `--steps
 `--target`), linear between scoring points.
 """
 
-import argparse
 import inspect
 import json
 import math
-import resource
 import sys
 import time
 
 import _common
 import numpy as np
-
-from train_speed import nanogpt_model
 
 WARMUP_STEPS, LEARNING_RATE, MIN_LEARNING_RATE = 100, 1e-3, 1e-4  # nanoGPT's recipes
 RUN_KEYS = {"batch_size", "steps", "jit_compile"}  # recipe overrides that are neither model nor optimizer arguments
@@ -52,8 +48,8 @@ RECIPES = {"nanogpt": ("", "nanogpt_optimizer"), "modern": ("-modern", "muon_opt
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt", help="path of a karpathy/nanoGPT checkout")
+    parser = _common.argument_parser(__doc__)
+    _common.add_nanogpt_arguments(parser)
     parser.add_argument("--no-nanogpt", action="store_true", help="ours only (give --target)")
     parser.add_argument("--target", type=float, help="the loss to time (default: nanoGPT's after --steps)")
     parser.add_argument("--recipes", nargs="+", default=["nanogpt", "modern"],
@@ -67,7 +63,6 @@ def parse_args(argv=None):
     parser.add_argument("--steps-per-execution", type=int, default=10)
     parser.add_argument("--mixed-precision", action="store_true", help="ours in mixed_bfloat16, nanoGPT in autocast")
     parser.add_argument("--stop-at-target", action="store_true", help="a side stops once it reaches the target")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
     args = parser.parse_args(argv)
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
@@ -124,7 +119,7 @@ def main():
         "size": args.size, "steps": args.steps, "eval_batches": args.eval_batches, "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision,
         "command": " ".join(sys.argv),
-        "peak_rss_mb_all_sides": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb_all_sides": _common.peak_rss_mb(),
         "mean": {key: {side: mean([run[key][side] for run in runs]) for side in sides}
                  for key in ("final_val_loss", "train_seconds", "seconds_to_target", "steps_to_target")},
         "runs": runs}
@@ -250,7 +245,7 @@ class NanoGPTRecipe:
         import keras_nanogpt as kn
 
         size = kn.CONFIGS[args.size]
-        self.torch, self.model, self.optimizer = nanogpt_model(
+        self.torch, self.model, self.optimizer = _common.nanogpt_model(
             args.nanogpt, size["sequence_length"], vocabulary_size=vocabulary_size,
             num_layers=size["num_layers"], num_heads=size["num_heads"], hidden_dim=size["hidden_dim"],
             threads=args.threads, seed=seed, dropout=size["dropout"])

@@ -13,20 +13,21 @@ config in the same process, alternating bursts with ours, and reports the ratio.
 """
 
 import argparse
-import contextlib
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # `keras-nanogpt bench` runs this file with runpy, which leaves its folder off the path
+    sys.path.insert(0, HERE)
+import _common  # noqa: E402
 
 JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile value -> compile(jit_compile=)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _common.argument_parser(__doc__)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--config", default="nano", help="nano, baby or gpt2")
@@ -37,8 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps-per-execution", type=int, default=10, help="1 on torch (Keras's limit)")
     parser.add_argument("--jit-compile", default="auto",
                         help="comma-separated: auto (the package default), on, off; a run for each")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for nanoGPT")
-    parser.add_argument("--nanogpt", default=None, help="path of a karpathy/nanoGPT checkout")
+    _common.add_nanogpt_arguments(parser)
     parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "PRECISION", "JIT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.jit_compile.split(",")) - set(JIT_COMPILE)
@@ -52,23 +52,18 @@ def main():
     if args.worker:
         print(json.dumps(worker(args, *args.worker)))
         return
-    results = {"config": args.config, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"),
-               "load_average_at_start": round(os.getloadavg()[0], 2),
-               "cpus": os.cpu_count(), "peak_fp32_gflops": round(matmul_peak() / 1e9, 1), "runs": []}
+    results = {"config": args.config, "batch_size": args.batch_size, **_common.machine(),
+               "peak_fp32_gflops": round(matmul_peak() / 1e9, 1), "runs": []}
     for backend in args.backends.split(","):
         for precision in args.precisions.split(","):
             for jit in args.jit_compile.split(","):
-                env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-                command = [sys.executable, __file__, *sys.argv[1:], "--worker", backend, precision, jit]
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
-                if done.returncode:
-                    results["runs"].append({"backend": backend, "precision": precision, "jit_compile": jit,
-                                            "error": done.stderr.strip().splitlines()[-1:]})
+                run = _common.run_worker(__file__, backend, backend, precision, jit, error_lines=1)
+                if "error" in run:
+                    run = {"backend": backend, "precision": precision, "jit_compile": jit, **run}
                 else:
-                    run = json.loads(done.stdout.strip().splitlines()[-1])
                     run["mfu"] = round(run["flops_per_second"] / (results["peak_fp32_gflops"] * 1e9), 3)
-                    results["runs"].append(run)
-    results["load_average_at_end"] = round(os.getloadavg()[0], 2)  # a busy machine slows every run
+                results["runs"].append(run)
+    results["load_average_at_end"] = _common.load_average()  # a busy machine slows every run
     print(json.dumps(results, indent=2))
 
 
@@ -129,7 +124,7 @@ def worker(args, backend, precision, jit):
            "tokens_per_second": round(tokens_per_step / step),
            "flops_per_second": flops_per_token * tokens_per_step / step,
            "first_step_compile_seconds": round(compile_seconds, 2),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+           "peak_rss_mb": _common.peak_rss_mb()}
     if nanogpt:
         run["nanogpt_ms_per_step"] = round(min(theirs) * 1000, 2)
         run["speed_vs_nanogpt"] = round(min(theirs) / step, 3)
@@ -137,33 +132,11 @@ def worker(args, backend, precision, jit):
     return run
 
 
-def nanogpt_model(nanogpt_dir, sequence_length, vocabulary_size, num_layers, num_heads, hidden_dim,
-                  threads=2, seed=0, dropout=0.0):
-    """nanoGPT's GPT (from `nanogpt_dir/model.py`) at the recipe's settings and its AdamW
-    (`configure_optimizers`: decay 0.1 on 2-D weights, lr 1e-3, betas (0.9, 0.99)).
-
-    Returns:
-        `(torch, model, optimizer)`.
-    """
-    sys.path.insert(0, os.path.abspath(nanogpt_dir))
-    import torch
-    from model import GPT, GPTConfig  # nanoGPT's model.py
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    config = GPTConfig(block_size=sequence_length, vocab_size=vocabulary_size, n_layer=num_layers,
-                       n_head=num_heads, n_embd=hidden_dim, dropout=dropout, bias=False)
-    with contextlib.redirect_stdout(sys.stderr):  # its reports would spoil the JSON on stdout
-        model = GPT(config)
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    return torch, model, optimizer
-
-
 class NanoGPTRunner:
     """nanoGPT's own model and training step (from `DIR/model.py`) at our model's configuration."""
 
     def __init__(self, args, model, vocabulary_size):
-        self.torch, self.model, self.optimizer = nanogpt_model(
+        self.torch, self.model, self.optimizer = _common.nanogpt_model(
             args.nanogpt, model.sequence_length, vocabulary_size, model.num_layers, model.num_heads,
             model.hidden_dim, threads=args.threads)
         self.shape = (args.batch_size, model.sequence_length)
