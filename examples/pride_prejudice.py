@@ -53,12 +53,11 @@ def main():
 
     eval_every = min(args.eval_every, args.steps)
     with strategy:  # build, compile and fit inside: each process reads its own shard of every batch
-        architecture = kn.model.MODERN if args.recipe == "modern" else {}
-        model = kn.NanoGPT(vocabulary_size=vectorizer.vocabulary_size(),
-                           sequence_length=args.sequence_length, num_layers=args.layers,
-                           num_heads=args.heads, hidden_dim=args.hidden_dim, dropout=args.dropout,
-                           vectorizer=vectorizer, **architecture)
-        model.compile(optimizer=kn.training.optimizer_for(args.recipe, args.steps, args.learning_rate))
+        # The recipe's architecture at this size, compiled with its optimizer and schedule for args.steps.
+        model = kn.training.RECIPES[args.recipe].build(
+            vectorizer.vocabulary_size(), total_steps=args.steps, learning_rate=args.learning_rate,
+            sequence_length=args.sequence_length, num_layers=args.layers, num_heads=args.heads,
+            hidden_dim=args.hidden_dim, dropout=args.dropout, vectorizer=vectorizer)
         model.summary()
         sampler = kn.callbacks.TextGenerationCallback("It is a truth", max_new_tokens=120,
                                                       temperature=0.8, top_k=40, seed=args.seed)

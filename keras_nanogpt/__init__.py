@@ -1,12 +1,12 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
+__version__ = "0.1.0"  # before the modules, which save it (saving.py)
+
 from keras_nanogpt import (adapters, backup, callbacks, convert, data, distribute, export, generation, saving, scoring,
                            tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 from keras_nanogpt.scoring import score
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CONFIGS",

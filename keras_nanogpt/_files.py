@@ -1,4 +1,5 @@
-"""Atomic file writes: write beside the target, then rename, so a crash leaves the old file or the new one.
+"""Files: atomic writes (beside the target, then a rename, so a crash leaves the old file or the new one),
+and reads whose errors name the file and the argument it came from.
 
 A write that fails (disk full, permission denied, read-only folder) raises an `OSError` that names the target
 and the cause, and leaves the old file as it was.
@@ -6,6 +7,7 @@ and the cause, and leaves the old file as it was.
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -119,3 +121,40 @@ def _fsync_directory(directory):
         pass  # some file systems refuse to fsync a folder; the rename has still happened
     finally:
         os.close(handle)
+
+
+def read_file(path, name=None):
+    """The bytes of the file at `path`; a missing file raises naming it (and the argument `name`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`{name}`: no such file {path!r}." if name else f"No such file: {path!r}.")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(path, name=None):
+    """The JSON value of the file at `path`; a missing or invalid file raises naming it (and `name`)."""
+    try:
+        return json.loads(read_file(path, name))
+    except ValueError as error:  # UnicodeDecodeError included
+        where = f"`{name}` file {os.fspath(path)!r}" if name else repr(os.fspath(path))
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+
+
+def read_lines(source, name):
+    """A list of strings as given, or the lines of the file at `source`."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_file(source, name).decode("utf-8").splitlines()
+    if not isinstance(source, (list, tuple)) or not all(isinstance(t, str) for t in source):
+        raise TypeError(f"`{name}` must be a list of strings or a file path; got {type(source).__name__}.")
+    return list(source)
+
+
+def read_bytes(source, name):
+    """Bytes as given, or the bytes of the file at `source`."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_file(source, name)
+    if not isinstance(source, bytes):
+        raise TypeError(f"`{name}` must be a serialized proto (bytes) or a file path; "
+                        f"got {type(source).__name__}.")
+    return source

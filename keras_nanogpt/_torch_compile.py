@@ -3,7 +3,7 @@ compiled by TorchInductor where that pays, or run eagerly where neither does.
 
 Run eagerly, a token costs Keras's Python overhead for each of its ~44 layer calls (5-10 ms a token
 at 4 layers x 128 wide on two CPU cores), far more than its arithmetic. The step
-(`generation._TokenStep`: write the previous token, run the model on it, the sampler's
+(`decoding.TokenStep`: write the previous token, run the model on it, the sampler's
 probabilities) is instead:
 
 1. traced once by `_torch_tracing.trace` into a lean ATen graph with the model's weights as inputs
@@ -151,7 +151,7 @@ class Decoder:
     Args:
         model: the `NanoGPT`.
         sampler: the keras-hub token sampler.
-        parts: its `generation._TokenStep`.
+        parts: its `decoding.TokenStep`.
         steps: the model's dict of `_Step`s, shared by its samplers.
         on_compile: called once for each trace of a step (generation counts them as traces).
     """

@@ -39,7 +39,7 @@ import weakref
 import keras
 from keras import ops
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, backends
 
 LORA_TARGETS = ("qkv", "attention_output", "mlp", "mlp_output", "head")
 DEFAULT_LORA_TARGETS = ("qkv", "attention_output", "mlp", "mlp_output")
@@ -144,9 +144,7 @@ def merge_lora(model):
     if hasattr(model, "_lora_adapters"):
         object.__delattr__(model, "_lora_adapters")
     _set_trainable(model, True)
-    if keras.backend.backend() == "torch":  # re-register the torch parameters left after the deletion
-        for layer in model._flatten_layers():
-            layer._track_variables()
+    backends.retrack_variables(model)  # PyTorch's module parameters left after the deletion
     _rebuild_training(model)
 
 
@@ -179,27 +177,48 @@ def quantize(model, quantize_layers, mode, config, filters, **kwargs):
     _rebuild_training(model)  # the quantized kernels are not trainable
 
 
-def model_dtype_policy(model):
-    """The dtype policy to save in the model's config: a `DTypePolicyMap` of the quantized layers'
-    policies by layer path (default: the model's own policy) once any layer is quantized."""
+def config_state(model):
+    """What `NanoGPT.get_config` saves of the adapters: the dtype policy (a `DTypePolicyMap` of the
+    quantized layers' policies by layer path, once any layer is quantized) and the LoRA settings.
+
+    Example:
+        >>> sorted(config_state(model))  # doctest: +SKIP
+        ['dtype']
+    """
     policy = model.dtype_policy
-    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy
     quantized = {layer.path: layer.dtype_policy for layer in model._flatten_layers(include_self=False)
                  if layer.quantization_mode is not None}
-    if not quantized:
-        return policy
-    return keras.dtype_policies.DTypePolicyMap(default_policy=policy, policy_map=quantized)
+    if quantized and not isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = keras.dtype_policies.DTypePolicyMap(default_policy=policy, policy_map=quantized)
+    state = {"dtype": keras.saving.serialize_keras_object(policy)}
+    lora = lora_config(model)
+    if lora is not None:  # state added after construction, as the quantized layers' policies are
+        state["lora"] = lora
+    return state
 
 
-def match_int4_defaults(model):
-    """Give a model built from a saved config what `quantize("int4")` gave it: Keras's default
-    `Int4QuantizationConfig` is weight-only, but a `ReversibleEmbedding` built in int4 without a config
-    (as loading builds it) also quantizes the hidden states of its reverse projection (Keras 3.15)."""
+def from_config(make, config):
+    """`make(**config)` for a config with `config_state`'s entries, the adapters then restored.
+
+    Keras's default `Int4QuantizationConfig` is weight-only, but a `ReversibleEmbedding` built in int4
+    without a config (as loading builds it) also quantizes the hidden states of its reverse projection
+    (Keras 3.15): that is undone, so the loaded model computes what `quantize("int4")` gave.
+
+    Example:
+        >>> model = from_config(NanoGPT, config)  # doctest: +SKIP
+    """
+    config = dict(config)
+    if isinstance(config.get("dtype"), dict):
+        config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+    lora = config.pop("lora", None)
+    model = make(**config)
     for layer in model._flatten_layers(include_self=False):
         if (isinstance(layer, keras.layers.ReversibleEmbedding) and layer.quantization_mode == "int4"
                 and layer.quantization_config is None):
             layer.inputs_quantizer = None
+    if lora is not None:
+        model.enable_lora(**lora)
+    return model
 
 
 def _quantization_modes(model):

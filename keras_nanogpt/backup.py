@@ -30,7 +30,7 @@ import zipfile
 import keras
 import numpy as np
 
-from keras_nanogpt import _files, _torch_random, _validation, distribute
+from keras_nanogpt import _files, _torch_random, _validation, backends, distribute
 
 FORMAT = "keras_nanogpt.backup"
 VERSION = 1
@@ -394,7 +394,7 @@ def _backups(directory):
 
 def _manifest(step, description):
     return {"format": FORMAT, "version": VERSION, "step": int(step), "keras": keras.__version__,
-            "backend": keras.backend.backend(), **description}
+            "backend": backends.name(), **description}
 
 
 def _describe(model, optimizer, variables):
@@ -442,7 +442,7 @@ def _built_optimizer(model):
         raise ValueError("PreemptibleBackup needs a compiled model (its optimizer's state is backed up too); "
                          "call model.compile() first.")
     if not optimizer.built:
-        strategy = getattr(model, "distribute_strategy", None) if keras.backend.backend() == "tensorflow" else None
+        strategy = distribute.model_strategy(model)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             optimizer.build(model.trainable_variables)
     return optimizer

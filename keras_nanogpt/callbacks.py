@@ -38,6 +38,20 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"learning rate, clip gradients (clipnorm=1.0) or check the data.")
 
 
+def with_loss_guard(callbacks):
+    """`callbacks` as a list with a `StopOnNonFiniteLoss` first, unless it holds one (`NanoGPT.fit`'s):
+    first, so that it stops before a checkpoint saving every few steps writes the broken step.
+
+    Example:
+        >>> type(with_loss_guard(None)[0]).__name__
+        'StopOnNonFiniteLoss'
+    """
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+        callbacks.insert(0, StopOnNonFiniteLoss())
+    return callbacks
+
+
 class TextGenerationCallback(keras.callbacks.Callback):
     """Print (and optionally log to TensorBoard) generated samples every `every` epochs during `fit`.
 

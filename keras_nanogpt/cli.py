@@ -180,7 +180,7 @@ def train(args):
     strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
     every = args.checkpoint_every
-    architecture = kn.model.MODERN if args.recipe == "modern" else {}
+    recipe = kn.training.RECIPES[args.recipe]
     with strategy:
         if args.init:
             model, sequence_length = _initial_model(args), args.sequence_length
@@ -191,7 +191,7 @@ def train(args):
                 ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
             model = kn.NanoGPT.from_config_name(args.config or "nano", vectorizer=vectorizer,
                                                 vocabulary_size=vectorizer.vocabulary_size(),
-                                                **{**architecture, **overrides})
+                                                **{**recipe.architecture, **overrides})
             sequence_length = None
         sequence_length = sequence_length or model.sequence_length
         train_ds, val_ds = kn.data.make_datasets(
@@ -203,7 +203,7 @@ def train(args):
         else:
             steps_per_epoch = every
             total_steps = math.ceil(args.steps / every) * every
-        model.compile(optimizer=kn.training.optimizer_for(args.recipe, total_steps, args.learning_rate))
+        model.compile(optimizer=kn.training.optimizer_for(recipe.name, total_steps, args.learning_rate))
         callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * sequence_length, args.peak_flops)]
         backup, resumed = None, 0
         if args.checkpoint_dir:

@@ -295,11 +295,7 @@ def _check_directory(directory):
 
 
 def _read_huggingface_config(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as error:
-        raise ValueError(f"{path!r} is not valid JSON: {error}") from None
+    config = _files.read_json(path)
     if config.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{path!r} describes a {config['model_type']!r} model; only 'gpt2' converts.")
     missing = {"vocab_size", "n_positions", "n_layer", "n_head", "n_embd"} - set(config)

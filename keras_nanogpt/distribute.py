@@ -190,3 +190,15 @@ def host_array(variable):
 
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
     return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def model_strategy(model):
+    """The TensorFlow `tf.distribute` strategy `model` was created under, or None (and on other backends).
+
+    Example:
+        >>> with (model_strategy(model) or contextlib.nullcontext()):  # doctest: +SKIP
+        ...     model.optimizer.build(model.trainable_variables)
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    return getattr(model, "distribute_strategy", None)

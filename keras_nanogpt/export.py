@@ -20,7 +20,7 @@ import os
 
 import keras
 
-from keras_nanogpt import _files
+from keras_nanogpt import _files, backends
 
 FORMATS = ("tf_saved_model", "preset", "onnx", "litert")
 BACKENDS = {"tf_saved_model": ("tensorflow", "jax"), "preset": ("tensorflow", "jax", "torch"),
@@ -91,7 +91,7 @@ def check_backend(format):
         >>> check_backend("litert")  # doctest: +SKIP
         'tensorflow'
     """
-    backend = keras.backend.backend()
+    backend = backends.name()
     if backend not in BACKENDS.get(format, (backend,)):
         raise ValueError(f"format={format!r} cannot be written on the {backend} backend; run with "
                          f"KERAS_BACKEND={BACKENDS[format][0]} (a .keras file loads under any backend).")

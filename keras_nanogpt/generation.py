@@ -1,5 +1,5 @@
-"""Text generation: a KV-cached decode loop compiled once per backend and shape, keras-hub samplers,
-stop sequences, batches of prompts and streaming.
+"""Text generation, the host side: prompts to rows, the token window, samplers, stop sequences, batches
+and streaming. The loop's device side is `decoding.py`; `compiling.py` keeps its compiled forms.
 
 How a call runs:
 
@@ -8,38 +8,35 @@ How a call runs:
    window, whose KV cache has a power-of-two length (16 at least, `sequence_length` at most) big
    enough for the longest prompt plus `max_new_tokens`: a handful of shapes serve every call.
 2. Prefill: the prompt positions that all rows share run through `NanoGPT.call_with_cache` at once.
-3. Decode: one compiled loop makes all the new tokens: `jax.lax.while_loop` under `jax.jit` on JAX,
-   `tf.while_loop` under `tf.function(jit_compile=True)` on TensorFlow, a Python loop under
-   `torch.no_grad()` on PyTorch. Each step feeds every row's token at `index - 1` and writes the
-   sampled token at `index`, except where a row's longer prompt still has a token there (as
-   keras-hub's samplers do), so prompts of different lengths share a batch and each row gets the
-   tokens it would get alone. The weights are arguments of the compiled functions: new prompts,
-   new seeds and training do not retrace them.
-4. Past the context, the window slides: a row sees at most `sequence_length` tokens. When its window
-   is full and more tokens are wanted, its last `sequence_length // 2` tokens (at least 1) are
-   prefilled again at positions 0.. and decoding goes on. Each new token thus sees between
-   `sequence_length // 2` and `sequence_length` tokens of context, exactly what a plain loop gives
-   that recomputes the whole context each step and moves the context's start that way. (nanoGPT
-   crops to the last `sequence_length` tokens at every step instead: a full forward pass per token.)
+3. Decode: one compiled loop makes all the new tokens (`jax.lax.while_loop` under `jax.jit`,
+   `tf.while_loop` under XLA, on PyTorch one token's step as a traced graph or TorchInductor; see
+   `backends.py`). Each step feeds every row's token at `index - 1` and writes the sampled token at
+   `index`, except where a row's longer prompt still has a token there (as keras-hub's samplers do),
+   so prompts of different lengths share a batch and each row gets the tokens it would get alone.
+   The weights are arguments of the compiled functions: new prompts, seeds and training do not retrace.
+4. Past the context, the window slides: when a row's window is full, its last `sequence_length // 2`
+   tokens (at least 1) are prefilled again at positions 0.. and decoding goes on. Each new token sees
+   `sequence_length // 2` to `sequence_length` tokens of context, as a loop that recomputes the whole
+   context each step and moves its start that way would give (nanoGPT crops at every step instead).
 
 Samplers are keras-hub's (`keras_hub.samplers`): `temperature`, `top_k` and `top_p` choose greedy,
 random, top-k or top-p sampling; `sampler=` takes any keras-hub sampler object or name. Token
-samplers (greedy, random, top-k, top-p and the like) run inside the loop above; search samplers
-(beam, contrastive) run their own keras-hub loop, compiled the same way, window by window (each
-window starts the search afresh from the best row so far).
+samplers run inside the loop above; search samplers (beam, contrastive) run their own keras-hub
+loop, compiled the same way, window by window (each starts afresh from the best row so far).
 """
-
 import numbers
-import typing
 
-import keras
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, compiling, decoding, tokenizers
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "beam", "contrastive")
 _MIN_BUCKET = 16
+
+
+def __getattr__(name):  # names that moved: they warn and work
+    return _validation.moved(__name__, name, {"compiled_function": compiling.compiled_function})
 
 
 def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
@@ -178,8 +175,7 @@ def check_arguments(max_new_tokens=100, temperature=1.0, top_k=None, top_p=None,
 
 
 def _pieces(job):
-    sent = [0] * job.batch
-    sent_text = [""] * job.batch  # the text of each row's `sent` tokens, so it is decoded once
+    sent, sent_text = [0] * job.batch, [""] * job.batch  # tokens sent per row, and their text (decoded once)
     for _ in job.run(stream=True):
         ready = [job.ready(row) for row in range(job.batch)]
         if ready == sent:
@@ -201,8 +197,8 @@ class _Job:
         self.model = model
         max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
             max_new_tokens, temperature, top_k, top_p, sampler, seed)
-        self.compiled = _compiled(model)
-        self.sampler, self.temperature = self.compiled.sampler(sampler, temperature, top_k, top_p)
+        self.compiled = compiling.compiled_functions(model)
+        self.sampler, self.temperature = _sampler(self.compiled, sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
         self.stops = _stop_sequences(model, stop)
         self.batch = len(self.prompts)
@@ -257,11 +253,9 @@ class _Job:
     def new_text(self, row, count):
         """The text of the row's first `count` new tokens, decoded after the prompt's last token
         (so a word-level vocabulary puts its space in front)."""
-        from keras_nanogpt import data
-
         vectorizer, last = self.model.vectorizer, int(self.prompts[row][-1])
-        head = data.decode(vectorizer, [last])
-        return data.decode(vectorizer, [last, *self.new_ids[row][:count]])[len(head):]
+        head = tokenizers.decode(vectorizer, [last])
+        return tokenizers.decode(vectorizer, [last, *self.new_ids[row][:count]])[len(head):]
 
     def result(self):
         if self.kind == "ids":
@@ -313,15 +307,13 @@ class _Window:
         """Run the compiled decode from `index` to the window's end (one token when streaming)."""
         compiled, job = self.job.compiled, self.job
         if self.search:
-            self.tokens = compiled.search(job.sampler, job.stops, self.tokens, self.lengths,
-                                          self.index, self.bias)
-            self.index = self.width
+            self._search()
             return
         if self.cache is None:
             self.cache = job.model.empty_cache(job.batch, self.slots)
-            self.cache = compiled.prefill(self.tokens, self.index, self.cache)
+            self._prefill()
         end = self.index + 1 if stream else self.width
-        outputs = compiled.decode(job.sampler, dict(
+        outputs = compiled.decode(job.sampler)(**dict(
             tokens=self.tokens, cache=self.cache, index=np.array(self.index, "int32"),
             end=np.array(end, "int32"), lengths=self.lengths, limit=self.limit, seeds=self.seeds,
             tail=self.tail, done=self.done, stops=self.stops,
@@ -341,7 +333,28 @@ class _Window:
         self.limit = self.limit - shift
         self.index = self.keep
         if self.cache is not None:
-            self.cache = self.job.compiled.prefill(self.tokens, self.index, self.cache)
+            self._prefill()
+
+    def _prefill(self):
+        """Fill the cache at the window's first `index - 1` positions (rounded up to a power of two)."""
+        if self.index <= 1:
+            return
+        model = self.job.model
+        length = min(self.slots, _bucket(self.index - 1))
+        prefill = self.job.compiled.function("prefill", lambda: lambda t, c: model.call_with_cache(t, c, 0)[2])
+        self.cache = prefill(self.tokens[:, :length], self.cache)
+
+    def _search(self):
+        """Run the search sampler over the whole window."""
+        job = self.job
+        # keras-hub's search loops stop early on single-token stop ids only; longer stop sequences
+        # are cut afterwards.
+        stop_ids = tuple(sorted(stop[0] for stop in job.stops if len(stop) == 1)) or None
+        search = job.compiled.function(("search", job.sampler, stop_ids),
+                                       lambda: decoding.search_loop(job.model, job.sampler, stop_ids))
+        tokens = search(self.tokens, self.lengths, np.array(self.index, "int32"), self.bias)
+        self.tokens = np.asarray(ops.convert_to_numpy(tokens))
+        self.index = self.width
 
 
 def _first_stop(ids, stops, since=0):
@@ -361,10 +374,7 @@ def _bucket(length):
 def _logit_bias(job):
     """Added to the logits: -inf on the padding id 0 for text prompts (it decodes to nothing)."""
     bias = np.zeros((job.model.vocabulary_size,), "float32")
-    if job.kind != "ids":
-        from keras_nanogpt import data
-
-        if data.decode(job.model.vectorizer, [0]) == "":
+    if job.kind != "ids" and tokenizers.decode(job.model.vectorizer, [0]) == "":
             bias[0] = -np.inf
     return bias
 
@@ -381,18 +391,10 @@ def _prompt_rows(model, prompt):
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                    and all(isinstance(p, str) for p in prompt)):
         kind, texts = ("text", [prompt]) if isinstance(prompt, str) else ("texts", list(prompt))
-        from keras_nanogpt import tokenizers
-
         return kind, texts, [tokenizers.prompt_ids(model.vectorizer, text) for text in texts]
-    try:
-        ids = np.asarray(prompt)
-    except ValueError:  # ragged lists
-        ids = np.asarray([], dtype=object)
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"`prompt` must be a string, a list of strings or integer ids of shape "
-                         f"(batch, time) with time >= 1; got shape {ids.shape} of {ids.dtype}.")
-    _validation.check_ids("prompt", ids, model.vocabulary_size)
-    return "ids", None, list(ids.astype("int32"))
+    ids = _validation.check_id_array("prompt", prompt, 2, model.vocabulary_size, "a string, a list of "
+                                     "strings or integer ids of shape (batch, time) with time >= 1")
+    return "ids", None, list(ids)
 
 
 def _stop_sequences(model, stop):
@@ -408,9 +410,7 @@ def _stop_sequences(model, stop):
             if model.vectorizer is None:
                 raise ValueError(f"A `stop` string ({item!r}) needs a model with a `vectorizer`; "
                                  f"pass token ids instead.")
-            from keras_nanogpt import data
-
-            ids = tuple(int(i) for i in data.encode(model.vectorizer, item))
+            ids = tuple(int(i) for i in tokenizers.encode(model.vectorizer, item))
         elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
             ids = (int(item),)
         elif isinstance(item, (list, tuple)) and all(
@@ -425,274 +425,26 @@ def _stop_sequences(model, stop):
     return sequences
 
 
-def compiled_function(model, key, build):
-    """`build()` compiled for the backend (see `_compile`), made once per `key` and kept with the
-    model's generation functions (other modules' compiled model functions, e.g. scoring's)."""
-    compiled = _compiled(model)
-    return compiled._function(key, lambda: _compile(model, build(), compiled._count_trace))
+def _sampler(compiled, sampler, temperature, top_k, top_p):
+    """`(sampler, temperature)`: a keras-hub sampler (the same object for the same settings, so its
+    compiled loop is reused) and the temperature the logits are divided by."""
+    import keras_hub
 
-
-def _compiled(model):
-    """The model's `_Compiled` functions, made on first use and kept on the model; made again when
-    the model's variables changed (LoRA enabled or merged, quantization)."""
-    compiled = getattr(model, "_kn_generation", None)
-    if compiled is None or not compiled.current():
-        compiled = _Compiled(model)
-        object.__setattr__(model, "_kn_generation", compiled)  # not a tracked Keras attribute
-    return compiled
-
-
-class _Compiled:
-    """Per model: samplers by setting, compiled functions by sampler, and how often they traced."""
-
-    def __init__(self, model):
-        self.model = model
-        self.variables = tuple(model.variables)  # the functions below take exactly these
-        self.samplers = {}
-        self.functions = {}
-        self.steps = {}  # PyTorch: compiled decode steps by sampler kind and shapes (_torch_compile)
-        self.traces = 0  # traces (JAX, TensorFlow) or compilations (PyTorch) of the functions below
-
-    def sampler(self, sampler, temperature, top_k, top_p):
-        """`(sampler, temperature)`: a keras-hub sampler (the same object for the same settings,
-        so its compiled loop is reused) and the temperature the logits are divided by."""
-        import keras_hub
-
-        if sampler is not None:  # a name is checked by `check_arguments` already
-            if isinstance(sampler, str):
-                if sampler not in self.samplers:
-                    self.samplers[sampler] = keras_hub.samplers.get(sampler)
-                return self.samplers[sampler], 1.0
-            if not isinstance(sampler, keras_hub.samplers.Sampler):
-                raise TypeError(f"`sampler` must be a keras_hub.samplers.Sampler or one of {SAMPLERS}; "
-                                f"got {type(sampler).__name__}.")
-            return sampler, 1.0
-        vocabulary = self.model.vocabulary_size
-        top_k = None if top_k is None or top_k >= vocabulary else top_k
-        samplers = keras_hub.samplers
-        if temperature == 0:
-            key, make = ("greedy",), samplers.GreedySampler
-        elif top_p is not None and top_p < 1:
-            key, make = ("top_p", top_p, top_k), lambda: samplers.TopPSampler(p=top_p, k=top_k)
-        elif top_k is not None:
-            key, make = ("top_k", top_k), lambda: samplers.TopKSampler(k=top_k)
-        else:
-            key, make = ("random",), samplers.RandomSampler
-        if key not in self.samplers:
-            self.samplers[key] = make()
-        return self.samplers[key], temperature or 1.0
-
-    def current(self):
-        """Whether the model still has exactly the variables these functions were made for."""
-        variables = self.model.variables
-        return len(variables) == len(self.variables) and all(
-            a is b for a, b in zip(variables, self.variables))
-
-    def _function(self, key, make):
-        if key not in self.functions:
-            self.functions[key] = make()
-        return self.functions[key]
-
-    def _count_trace(self):
-        self.traces += 1
-
-    def prefill(self, tokens, index, cache):
-        """Fill the cache at the window's first `index - 1` positions (rounded up to a power of two)."""
-        if index <= 1:
-            return cache
-        length = min(ops.shape(cache[0][0])[-1], _bucket(index - 1))
-        model = self.model
-        prefill = self._function("prefill", lambda: _compile(
-            model, lambda t, c: model.call_with_cache(t, c, 0)[2], self._count_trace))
-        return prefill(tokens[:, :length], cache)
-
-    def decode(self, sampler, arguments):
-        return self._function(("decode", sampler), lambda: _compile_decode(self, sampler))(**arguments)
-
-    def search(self, sampler, stops, tokens, lengths, index, bias):
-        # keras-hub's search loops stop early on single-token stop ids only; longer stop sequences
-        # are cut afterwards.
-        stop_ids = tuple(sorted(stop[0] for stop in stops if len(stop) == 1)) or None
-        function = self._function(("search", sampler, stop_ids), lambda: _compile(
-            self.model, _search_function(self.model, sampler, stop_ids), self._count_trace))
-        return np.asarray(ops.convert_to_numpy(function(tokens, lengths, np.array(index, "int32"), bias)))
-
-
-def _decode_function(model, sampler):
-    """The decode loop: from `index` until `end`, or until every row is done or met a stop."""
-
-    def decode(tokens, cache, index, end, lengths, limit, seeds, tail, done, stops, temperature, bias):
-        def cond(tokens, cache, index, seeds, tail, done):
-            return ops.logical_and(index < end, _running(index, limit, done))
-
-        def body(tokens, cache, index, seeds, tail, done):
-            logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
-            token, seeds = _sample(sampler, logits, seeds)
-            tokens, tail, done = _commit(tokens, index, token, lengths, limit, tail, done, stops)
-            return tokens, cache, index + 1, seeds, tail, done
-
-        return ops.while_loop(cond, body, (tokens, cache, index, seeds, tail, done))
-
-    return decode
-
-
-class _TokenStep(typing.NamedTuple):
-    """The decode loop's body as parts, for a backend that compiles one token's step (PyTorch).
-
-    `step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias)`
-    writes `token` at slot `index - 1` where `write` (a boolean scalar) holds and the row's prompt
-    has no token there, runs the model on slot `index - 1`, and returns `(tokens, cache, tail, done,
-    running, probabilities)`: `running`, whether some row still wants slot `index`, and the
-    sampler's probabilities for it. `draw(probabilities, seeds)` gives `(tokens, seeds)`; `commit`
-    is `_commit`.
-    """
-
-    step: typing.Callable
-    draw: typing.Callable
-    commit: typing.Callable
-
-
-def _token_step(model, sampler):
-    """The `_TokenStep` of the decode loop for `sampler`."""
-
-    def step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias):
-        tokens, tail, done = _commit(tokens, index - 1, token, lengths, limit, tail, done, stops, write)
-        logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
-        probabilities = sampler.compute_probabilities(logits)
-        return tokens, cache, tail, done, _running(index, limit, done), probabilities
-
-    return _TokenStep(step, lambda probabilities, seeds: _draw(sampler, probabilities, seeds), _commit)
-
-
-def _next_logits(model, tokens, cache, index, temperature, bias):
-    """The logits for slot `index` (divided by `temperature`, plus `bias`): the model run on each row's
-    token at `index - 1`, which also goes into the cache. Returns `(logits, cache)`."""
-    fed = ops.take(tokens, ops.reshape(index - 1, (1,)), axis=1)  # (batch, 1)
-    logits, _, cache = model.call_with_cache(fed, cache, index - 1)
-    return logits[:, 0] / temperature + bias, cache
-
-
-def _commit(tokens, index, token, lengths, limit, tail, done, stops, write=None):
-    """Write `token` at slot `index` in the rows whose prompt has no token there (and where `write`),
-    and mark the rows whose new tokens now end with a stop sequence. Returns `(tokens, tail, done)`."""
-    generated = index >= lengths  # (batch,) False where the prompt has a token here
-    if write is not None:
-        generated = ops.logical_and(generated, write)
-    token = ops.where(generated, token, ops.take(tokens, index, axis=1))
-    tokens = ops.slice_update(tokens, [0, index], token[:, None])
-    if ops.shape(stops)[0] > 0:
-        tail, done = _match_stops(tail, done, token, ops.logical_and(generated, index < limit), stops)
-    return tokens, tail, done
-
-
-def _running(index, limit, done):
-    """Whether some row has not met a stop and still wants a token at slot `index`."""
-    return ops.logical_not(ops.all(ops.logical_or(done, index >= limit)))
-
-
-def _sample(sampler, logits, seeds):
-    """One token per row from the keras-hub sampler, its seed generators' state passed in and out."""
-    return _draw(sampler, sampler.compute_probabilities(logits), seeds)
-
-
-def _draw(sampler, probabilities, seeds):
-    """The sampler's tokens for `probabilities`, its seed generators' state passed in and out."""
-    variables = sampler.variables
-    with keras.StatelessScope(state_mapping=list(zip(variables, seeds))) as scope:
-        token = sampler.get_next_token(probabilities)
-    return ops.cast(token, "int32"), [scope.get_current_value(v) for v in variables]
-
-
-def _match_stops(tail, done, token, counts, stops):
-    """Push `token` onto each counted row's tail and mark rows whose tail ends with a stop sequence."""
-    tail = ops.where(counts[:, None], ops.concatenate([tail[:, 1:], token[:, None]], axis=1), tail)
-    equal = ops.logical_or(tail[:, None, :] == stops[None], stops[None] < 0)  # (batch, stops, length)
-    met = ops.any(ops.all(equal, axis=-1), axis=-1)
-    return tail, ops.logical_or(done, ops.logical_and(counts, met))
-
-
-def _search_function(model, sampler, stop_ids):
-    """A keras-hub search sampler (beam, contrastive) over the whole window, after one prefill."""
-    heads, head_dim = model.num_heads, model.hidden_dim // model.num_heads
-
-    def search(tokens, lengths, index, bias):
-        batch, width = ops.shape(tokens)
-        # keras-hub's samplers repeat the cache along axis 0 for the beams: give them the batch there.
-        def split(cache):
-            return tuple((ops.reshape(k, (-1, heads, head_dim, width)),
-                          ops.reshape(v, (-1, heads, width, head_dim))) for k, v in cache)
-
-        def merge(cache):
-            return tuple((ops.reshape(k, (-1, head_dim, width)), ops.reshape(v, (-1, width, head_dim)))
-                         for k, v in cache)
-
-        def next(prompt, cache, index):
-            fed = ops.slice(prompt, [0, index - 1], [ops.shape(prompt)[0], 1])
-            logits, hidden, cache = model.call_with_cache(fed, merge(cache), index - 1)
-            return logits[:, 0] + bias, hidden[:, 0], split(cache)
-
-        _, hidden, cache = model.call_with_cache(tokens, model.empty_cache(batch, width), 0)
-        mask = ops.arange(width, dtype="int32")[None, :] < lengths[:, None]
-        return sampler(next, tokens, cache=split(cache), index=index, mask=mask,
-                       stop_token_ids=stop_ids, hidden_states=hidden, model=model)
-
-    return search
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend-specific compilation: the one place that knows which backend runs.
-# ---------------------------------------------------------------------------------------------
-
-def _compile_decode(compiled, sampler):
-    """The decode loop for `sampler`, compiled for the backend (see `_compile`).
-
-    PyTorch: a Python loop over one token's step, which `_torch_compile.Decoder` runs eagerly or
-    compiled by TorchInductor, whichever the call's length pays for; its compiled steps are shared
-    by the model's samplers (`compiled.steps`).
-    """
-    if keras.backend.backend() == "torch":
-        from keras_nanogpt import _torch_compile
-
-        return _torch_compile.Decoder(compiled.model, sampler, _token_step(compiled.model, sampler),
-                                      compiled.steps, compiled._count_trace)
-    return _compile(compiled.model, _decode_function(compiled.model, sampler), compiled._count_trace)
-
-
-def _compile(model, function, on_trace):
-    """`function` compiled for the backend, taking the model's weights as arguments.
-
-    JAX: `jax.jit` of a stateless function whose first argument is the weights (as keras-hub's
-    `CausalLM.generate` does). TensorFlow: `tf.function(jit_compile=True)`, weights likewise passed
-    in. PyTorch (and any other backend): run eagerly, without autograd (prefill and search
-    samplers; the decode loop is `_compile_decode`'s).
-    """
-    backend = keras.backend.backend()
-    if backend not in ("jax", "tensorflow"):
-
-        def run(*args, **kwargs):
-            args, kwargs = keras.tree.map_structure(ops.convert_to_tensor, (args, kwargs))
-            if backend == "torch":
-                import torch
-
-                with torch.no_grad():
-                    return function(*args, **kwargs)
-            return function(*args, **kwargs)
-
-        return run
-
-    variables = model.variables
-
-    def stateless(values, *args, **kwargs):
-        on_trace()  # runs only while tracing
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return function(*args, **kwargs)
-
-    if backend == "jax":
-        import jax
-
-        compiled = jax.jit(stateless)
+    if sampler is not None:  # a name is checked by `check_arguments` already
+        if isinstance(sampler, str):
+            return compiled.keep(("sampler", sampler), lambda: keras_hub.samplers.get(sampler)), 1.0
+        if not isinstance(sampler, keras_hub.samplers.Sampler):
+            raise TypeError(f"`sampler` must be a keras_hub.samplers.Sampler or one of {SAMPLERS}; "
+                            f"got {type(sampler).__name__}.")
+        return sampler, 1.0
+    top_k = None if top_k is None or top_k >= compiled.model.vocabulary_size else top_k
+    samplers = keras_hub.samplers
+    if temperature == 0:
+        key, make = ("greedy",), samplers.GreedySampler
+    elif top_p is not None and top_p < 1:
+        key, make = ("top_p", top_p, top_k), lambda: samplers.TopPSampler(p=top_p, k=top_k)
+    elif top_k is not None:
+        key, make = ("top_k", top_k), lambda: samplers.TopKSampler(k=top_k)
     else:
-        import tensorflow as tf
-
-        compiled = tf.function(stateless, jit_compile=True)
-    return lambda *args, **kwargs: compiled([v.value for v in variables], *args, **kwargs)
+        key, make = ("random",), samplers.RandomSampler
+    return compiled.keep(("sampler", *key), make), temperature or 1.0

@@ -9,8 +9,14 @@ from keras import ops
 from keras_nanogpt import _validation
 
 
-def _serialize(initializer):
-    return keras.initializers.serialize(keras.initializers.get(initializer))
+def _config(layer, *names):
+    """`layer`'s base config plus its attributes `names` (initializers serialized), for `get_config`."""
+    config = keras.layers.Layer.get_config(layer)
+    for name in names:
+        value = getattr(layer, name)
+        config[name] = (keras.initializers.serialize(value)
+                        if isinstance(value, keras.initializers.Initializer) else value)
+    return config
 
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
@@ -76,15 +82,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         return tuple(input_shape) + (self.hidden_dim,)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            vocabulary_size=self.vocabulary_size,
-            sequence_length=self.sequence_length,
-            hidden_dim=self.hidden_dim,
-            embeddings_initializer=_serialize(self.embeddings_initializer),
-            position_embedding=self.position_embedding_type,
-        )
-        return config
+        config = _config(self, "vocabulary_size", "sequence_length", "hidden_dim", "embeddings_initializer")
+        return dict(config, position_embedding=self.position_embedding_type)
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
@@ -117,12 +116,7 @@ class CausalSelfAttention(keras.layers.Layer):
                  position_embedding="learned", qk_norm=False, rotary_max_wavelength=10000,
                  norm_epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
-        if hidden_dim % num_heads:
-            raise ValueError(
-                f"`hidden_dim` must be divisible by `num_heads`; got hidden_dim={hidden_dim}, "
-                f"num_heads={num_heads}.")
-        self.num_heads = int(num_heads)
-        self.hidden_dim = int(hidden_dim)
+        self.num_heads, self.hidden_dim = _validation.check_heads(num_heads, hidden_dim)
         self.head_dim = self.hidden_dim // self.num_heads
         self.dropout = float(dropout)
         self.use_bias = bool(use_bias)
@@ -224,20 +218,9 @@ class CausalSelfAttention(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            num_heads=self.num_heads,
-            hidden_dim=self.hidden_dim,
-            dropout=self.dropout,
-            use_bias=self.use_bias,
-            kernel_initializer=_serialize(self.kernel_initializer),
-            output_kernel_initializer=_serialize(self.output_kernel_initializer),
-            position_embedding=self.position_embedding,
-            qk_norm=self.qk_norm,
-            rotary_max_wavelength=self.rotary_max_wavelength,
-            norm_epsilon=self.norm_epsilon,
-        )
-        return config
+        return _config(self, "num_heads", "hidden_dim", "dropout", "use_bias", "kernel_initializer",
+                       "output_kernel_initializer", "position_embedding", "qk_norm", "rotary_max_wavelength",
+                       "norm_epsilon")
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
@@ -323,22 +306,9 @@ class TransformerBlock(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            num_heads=self.num_heads,
-            hidden_dim=self.hidden_dim,
-            intermediate_dim=self.intermediate_dim,
-            dropout=self.dropout,
-            use_bias=self.use_bias,
-            activation=self.activation,
-            layer_norm_epsilon=self.layer_norm_epsilon,
-            kernel_initializer=_serialize(self.kernel_initializer),
-            output_kernel_initializer=_serialize(self.output_kernel_initializer),
-            norm=self.norm,
-            position_embedding=self.position_embedding,
-            qk_norm=self.qk_norm,
-        )
-        return config
+        return _config(self, "num_heads", "hidden_dim", "intermediate_dim", "dropout", "use_bias", "activation",
+                       "layer_norm_epsilon", "kernel_initializer", "output_kernel_initializer", "norm",
+                       "position_embedding", "qk_norm")
 
 
 ACTIVATIONS = ("gelu", "gelu_approximate", "relu", "silu", "relu_squared")

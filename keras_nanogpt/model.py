@@ -1,31 +1,18 @@
-"""NanoGPT: token ids in, next-token logits out; compile defaults, named configurations, save/load, generate."""
+"""NanoGPT: token ids in, next-token logits out; its named configurations, compile defaults and the thin
+methods that hand generation, scoring, saving and adapters to their modules."""
 
-import io
 import math
-import os
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _files, _validation
-from keras_nanogpt.layers import (ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, TokenAndPositionEmbedding,
-                                  TransformerBlock, make_norm)
+from keras_nanogpt import _validation, adapters, backends, generation, saving, scoring, tokenizers
+from keras_nanogpt.callbacks import with_loss_guard
+from keras_nanogpt.configs import ARGUMENTS, CONFIGS, MODERN, check_arguments  # noqa: F401 (kn.model's names)
+from keras_nanogpt.layers import TokenAndPositionEmbedding, TransformerBlock, make_norm
 
-# The modern architecture (the nanoGPT speedrun's choices); see benchmarks/RESULTS.md for the ablation.
-MODERN = dict(position_embedding="rotary", qk_norm=True, norm="rms", activation="relu_squared",
-              zero_init_residual=True, tie_embeddings=False)
-
-CONFIGS = {
-    # nanoGPT's shakespeare_char recipe on CPU.
-    "nano": dict(num_layers=4, num_heads=4, hidden_dim=128, sequence_length=64, dropout=0.0),
-    # nanoGPT's shakespeare_char recipe on GPU ("baby GPT").
-    "baby": dict(num_layers=6, num_heads=6, hidden_dim=384, sequence_length=256, dropout=0.2),
-    # GPT-2 small (124M with GPT-2's 50257-token vocabulary).
-    "gpt2": dict(num_layers=12, num_heads=12, hidden_dim=768, sequence_length=1024, dropout=0.0),
-}
-CONFIGS["nano-modern"] = dict(CONFIGS["nano"], **MODERN)
-CONFIGS["baby-modern"] = dict(CONFIGS["baby"], **MODERN)
+load_model = saving.load_model  # kn.model.load_model, as before
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
@@ -69,42 +56,12 @@ class NanoGPT(keras.Model):
                  dropout=0.0, use_bias=False, tie_embeddings=True, activation="gelu",
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
                  norm="layer", zero_init_residual=False, **kwargs):
-        vocabulary_size = _validation.check_int("vocabulary_size", vocabulary_size)
-        sequence_length = _validation.check_int("sequence_length", sequence_length)
-        num_layers = _validation.check_int("num_layers", num_layers)
-        num_heads = _validation.check_int("num_heads", num_heads)
-        hidden_dim = _validation.check_int("hidden_dim", hidden_dim)
-        if hidden_dim % num_heads:
-            raise ValueError(
-                f"`hidden_dim` must be divisible by `num_heads`; got hidden_dim={hidden_dim}, "
-                f"num_heads={num_heads}.")
-        dropout = _validation.check_float("dropout", dropout, 0.0, 1.0)
-        _validation.check_choice("activation", activation, ACTIVATIONS)
-        _validation.check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS)
-        _validation.check_choice("norm", norm, NORMS)
-        for name, flag in (("qk_norm", qk_norm), ("zero_init_residual", zero_init_residual),
-                           ("use_bias", use_bias), ("tie_embeddings", tie_embeddings)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"`{name}` must be True or False; got {flag!r}.")
-        layer_norm_epsilon = _validation.check_float(
-            "layer_norm_epsilon", layer_norm_epsilon, 0.0, math.inf, low_inclusive=False)
-        vectorizer = _resolve_vectorizer(vectorizer, vocabulary_size)
+        arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
+        vectorizer = tokenizers.check_vectorizer(vectorizer, arguments["vocabulary_size"])
         super().__init__(**kwargs)
-        self.vocabulary_size = vocabulary_size
-        self.sequence_length = sequence_length
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.hidden_dim = hidden_dim
-        self.dropout = dropout
-        self.use_bias = bool(use_bias)
-        self.tie_embeddings = bool(tie_embeddings)
-        self.activation = activation
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.position_embedding = position_embedding
-        self.qk_norm = bool(qk_norm)
-        self.norm = norm
-        self.zero_init_residual = bool(zero_init_residual)
-        self._vectorizer_holder = _Untracked(vectorizer)
+        for name, value in arguments.items():
+            setattr(self, name, value)
+        self._vectorizer_holder = tokenizers.Untracked(vectorizer)
 
         initializer = keras.initializers.RandomNormal(stddev=0.02)
         residual_initializer = ("zeros" if self.zero_init_residual else
@@ -207,39 +164,20 @@ class NanoGPT(keras.Model):
         """Compile with nanoGPT-friendly defaults; every argument the caller passes wins.
 
         Defaults: `Adam(1e-3)`, `SparseCategoricalCrossentropy(from_logits=True)`, accuracy. With
-        `jit_compile="auto"` on TensorFlow outside a distribution strategy, training is XLA-compiled
-        on CPU too (Keras's own "auto" leaves XLA off on CPU-only machines; at nanoGPT's CPU
-        recipe XLA trains 1.5x faster, see benchmarks/RESULTS.md).
+        `jit_compile="auto"`, each backend's fastest step (`backends.training_jit_compile`): XLA on
+        TensorFlow's CPU too, a traced ATen graph on PyTorch.
 
         Example:
             >>> model = NanoGPT(65, 64, 2, 2, 32)
             >>> model.compile()
         """
-        if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
-                and not kwargs.get("run_eagerly") and self._distribute_strategy is None):
-            jit_compile = True
-        requested = jit_compile
-        if keras.backend.backend() == "torch":
-            from keras_nanogpt import _torch_training
-
-            jit_compile = _torch_training.jit_compile_choice(jit_compile)
-            _torch_training.warn_if_slow_bfloat16(self)
         super().compile(
             optimizer=keras.optimizers.Adam(1e-3) if optimizer is None else optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss is None else loss,
             metrics=["accuracy"] if metrics is None else metrics,
-            jit_compile=jit_compile, **kwargs)
-        # The optimizer's and the metrics' variables now, for token-id targets, rather than inside the
-        # first training step: on TensorFlow a tf.function that creates variables is traced twice,
-        # which doubled the first step's start-up (benchmarks/RESULTS.md). Targets of another shape (a
-        # loss of the caller's) are built by Keras in the first step, as usual.
-        ids = keras.KerasTensor((None, self.sequence_length), "int32")
-        try:
-            self._symbolic_build(data_batch=(ids, ids))
-        except (ValueError, TypeError, RuntimeError):
-            self.optimizer.build(self.trainable_variables)
-        if keras.backend.backend() == "torch":
-            _torch_training.install_traced_steps(self, requested)
+            jit_compile=backends.training_jit_compile(self, jit_compile, kwargs.get("run_eagerly")),
+            **kwargs)
+        backends.after_compile(self, jit_compile)  # optimizer variables now; PyTorch's traced steps
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus a guard that stops with a clear error when the loss turns NaN/inf.
@@ -249,8 +187,6 @@ class NanoGPT(keras.Model):
         Example:
             >>> model.fit(train_ds, validation_data=val_ds, epochs=3)  # doctest: +SKIP
         """
-        from keras_nanogpt.callbacks import StopOnNonFiniteLoss
-
         x = args[0] if args else kwargs.get("x")
         y = args[1] if len(args) > 1 else kwargs.get("y")
         for name, ids in (("x", x), ("y", y)):
@@ -258,28 +194,19 @@ class NanoGPT(keras.Model):
                 _validation.check_ids(name, ids, self.vocabulary_size)
         if hasattr(x, "element_spec"):  # a tf.data.Dataset shuffles itself; Keras warns on shuffle=True
             kwargs.setdefault("shuffle", False)
-        callbacks = list(callbacks or [])
-        if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
-            # First, so that it stops before a checkpoint saving every few steps writes the step.
-            callbacks.insert(0, StopOnNonFiniteLoss())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        return super().fit(*args, callbacks=with_loss_guard(callbacks), **kwargs)
 
     def compile_from_config(self, config):
         """Recompile a loaded model from its saved compile config (optimizer state then loads too)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
 
     def generate(self, prompt, max_new_tokens=100, temperature=1.0, top_k=None, seed=None, **kwargs):
-        """Continue `prompt`: text in, the prompt plus new text out; ids `(batch, time)` in, ids out.
-
-        See `keras_nanogpt.generation.generate` for every option (top_p, stop, samplers, batches).
+        """Continue `prompt`: text in, text out; ids in, ids out (`generation.generate`: every option).
 
         Example:
-            >>> model = NanoGPT(65, 64, 2, 2, 32)
-            >>> model.generate([[1, 2, 3]], max_new_tokens=5, seed=0).shape
+            >>> NanoGPT(65, 64, 2, 2, 32).generate([[1, 2, 3]], max_new_tokens=5, seed=0).shape
             (1, 8)
         """
-        from keras_nanogpt import generation
-
         return generation.generate(self, prompt, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, seed=seed, **kwargs)
 
@@ -287,252 +214,86 @@ class NanoGPT(keras.Model):
         """Yield the new text (or ids) piece by piece; `prompt + "".join(pieces) == generate(...)`.
 
         Example:
-            >>> model = NanoGPT(65, 64, 2, 2, 32)
-            >>> len(list(model.stream([[1, 2, 3]], max_new_tokens=4, seed=0)))
+            >>> len(list(NanoGPT(65, 64, 2, 2, 32).stream([[1, 2, 3]], max_new_tokens=4, seed=0)))
             4
         """
-        from keras_nanogpt import generation
-
         return generation.stream(self, prompt, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, **kwargs)
 
-    def enable_lora(self, rank, target=("qkv", "attention_output", "mlp", "mlp_output"), alpha=None):
-        """Fine-tune low-rank adapters (Keras's `Dense.enable_lora`) and freeze every other weight.
-
-        See `keras_nanogpt.adapters`: `target` names projections by role ("qkv",
-        "attention_output", "mlp", "mlp_output", "head"); `model.save` keeps the adapters.
+    def enable_lora(self, rank, target=adapters.DEFAULT_LORA_TARGETS, alpha=None):
+        """Fine-tune low-rank adapters (Keras's `Dense.enable_lora`) on the projections `target` names
+        by role, every other weight frozen (`keras_nanogpt.adapters.enable_lora`); `save` keeps them.
 
         Example:
-            >>> model = NanoGPT(65, 64, 2, 2, 32)
-            >>> model.enable_lora(4)
-            >>> sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-            4096
+            >>> NanoGPT(65, 64, 2, 2, 32).enable_lora(4)
         """
-        from keras_nanogpt import adapters
-
         adapters.enable_lora(self, rank, target=target, alpha=alpha)
 
     def merge_lora(self):
         """Fold the LoRA adapters into their kernels for serving; every weight is trainable again.
 
         Example:
-            >>> model = NanoGPT(65, 64, 2, 2, 32)
-            >>> model.enable_lora(4)
-            >>> model.merge_lora()
+            >>> model.merge_lora()  # doctest: +SKIP
         """
-        from keras_nanogpt import adapters
-
         adapters.merge_lora(self)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize` of the Dense and Embedding layers: "int8", "int4" or "float8".
-
-        The tied output head is quantized with the token table (see `keras_nanogpt.adapters`); the
-        quantized model generates, saves and loads as it is.
+        """`keras.Model.quantize` of the Dense and Embedding layers: "int8", "int4" or "float8"; the
+        tied head is quantized with the token table (see `keras_nanogpt.adapters`).
 
         Example:
-            >>> model = NanoGPT(65, 64, 2, 2, 32)
-            >>> model.quantize("int8")
-            >>> model.blocks[0].mlp_dense.dtype_policy.name
-            'int8_from_float32'
+            >>> NanoGPT(65, 64, 2, 2, 32).quantize("int8")
         """
-        from keras_nanogpt import adapters
-
         adapters.quantize(self, super().quantize, mode, config, filters, **kwargs)
 
     def score(self, inputs, stride=None, batch_size=8):
-        """Per-token log-probabilities, total NLL, perplexity and bits per character of a text.
-
-        See `keras_nanogpt.scoring.score`.
+        """Per-token log-probabilities, perplexity and bits per character of a text (`scoring.score`).
 
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).score([1, 2, 3, 4]).num_tokens
             3
         """
-        from keras_nanogpt import scoring
-
         return scoring.score(self, inputs, stride=stride, batch_size=batch_size)
 
     def save(self, filepath, overwrite=True, **kwargs):
-        """Save to a `.keras` file atomically: a crash leaves the old file or the new one, never half.
-
-        A write that fails (disk full, permission denied, read-only folder) raises an `OSError` naming
-        `filepath` and the cause, and leaves the old file as it was.
+        """Save to a `.keras` file atomically (`saving.save_model`): a crash leaves the old file as it was.
 
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).save("model.keras")  # doctest: +SKIP
         """
-        _check_target(filepath, ".keras", overwrite)
-        with _files.atomic_path(filepath) as tmp:
-            super().save(tmp, **kwargs)
+        saving.save_model(self, filepath, overwrite, **kwargs)
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
-        """Save weights to a `.weights.h5` file atomically (used by checkpoint callbacks too).
-
-        The HDF5 file is made in memory, then written: HDF5 writing straight to a full disk can crash the
-        process (measured: a segmentation fault), while this raises an `OSError` naming `filepath` and the
-        cause and leaves the old file as it was.
+        """Save weights to a `.weights.h5` file atomically (`saving.save_weights`).
 
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).save_weights("model.weights.h5")  # doctest: +SKIP
         """
-        _check_target(filepath, ".weights.h5", overwrite)
-        data = None if kwargs.get("max_shard_size") else _weights_h5_bytes(self)
-        if data is not None:
-            _files.write_bytes(filepath, data)
-            return
-        with _files.atomic_path(filepath) as tmp:
-            super().save_weights(tmp, **kwargs)
+        saving.save_weights(self, filepath, overwrite, **kwargs)
 
     def save_to_preset(self, preset_dir):
-        """Write a keras-hub preset folder: config.json, model.weights.h5, the tokenizer, metadata.json.
-
-        See `keras_nanogpt.saving.save_to_preset`; `keras_hub.upload_preset(uri, preset_dir)` uploads it.
+        """Write a keras-hub preset folder (`saving.save_to_preset`), for `keras_hub.upload_preset`.
 
         Example:
             >>> NanoGPT(65, 64, 2, 2, 32).save_to_preset("my_preset")  # doctest: +SKIP
         """
-        from keras_nanogpt import saving
-
         saving.save_to_preset(self, preset_dir)
 
     @classmethod
     def from_preset(cls, preset):
         """Load a preset folder, or a remote one keras-hub resolves ("hf://user/name", "kaggle://...").
 
-        See `keras_nanogpt.saving.from_preset`.
-
         Example:
             >>> model = NanoGPT.from_preset("my_preset")  # doctest: +SKIP
         """
-        from keras_nanogpt import saving
-
         return saving.from_preset(preset)
 
     def get_config(self):
-        from keras_nanogpt import adapters, data
-
-        config = {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.saving.serialize_keras_object(adapters.model_dtype_policy(self)),
-            "vocabulary_size": self.vocabulary_size,
-            "sequence_length": self.sequence_length,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "hidden_dim": self.hidden_dim,
-            "dropout": self.dropout,
-            "use_bias": self.use_bias,
-            "tie_embeddings": self.tie_embeddings,
-            "activation": self.activation,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "position_embedding": self.position_embedding,
-            "qk_norm": self.qk_norm,
-            "norm": self.norm,
-            "zero_init_residual": self.zero_init_residual,
-            "vectorizer": None,
-        }
-        if self.vectorizer is not None:
-            config["vectorizer"] = data.vectorizer_to_config(self.vectorizer)
-        lora = adapters.lora_config(self)
-        if lora is not None:  # state added after construction, as the quantized layers' dtype policies are
-            config["lora"] = lora
-        return config
+        vectorizer = self.vectorizer
+        return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
+                "vectorizer": None if vectorizer is None else tokenizers.vectorizer_to_config(vectorizer),
+                **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
 
     @classmethod
     def from_config(cls, config):
-        from keras_nanogpt import adapters
-
-        config = dict(config)
-        if isinstance(config.get("dtype"), dict):
-            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
-        lora = config.pop("lora", None)
-        model = cls(**config)
-        adapters.match_int4_defaults(model)
-        if lora is not None:
-            model.enable_lora(**lora)
-        return model
-
-
-def load_model(filepath, **kwargs):
-    """`keras.models.load_model` with errors that name the file when it is missing, truncated, corrupt
-    or refused by `safe_mode` (a lambda, or a class that is not registered).
-
-    Args:
-        filepath: a `.keras` file saved by `NanoGPT.save`.
-        **kwargs: passed to `keras.models.load_model` (`safe_mode` stays on unless you turn it off).
-
-    Example:
-        >>> model = load_model("pride.keras")  # doctest: +SKIP
-    """
-    import zipfile
-    import zlib
-
-    if not isinstance(filepath, (str, os.PathLike)):
-        raise TypeError(f"`filepath` must be the path of a .keras file; got {filepath!r}.")
-    path = os.fspath(filepath)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such model file: {path!r}.")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path!r} is not a readable .keras file (truncated or not a zip archive).")
-    try:
-        return keras.models.load_model(path, **kwargs)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
-        raise ValueError(f"{path!r} is corrupted: its zip archive cannot be read ({error}).") from error
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise ValueError(f"{path!r} could not be loaded as a .keras model: {error}") from error
-
-
-def _weights_h5_bytes(model):
-    """The `.weights.h5` file Keras's `save_weights` writes, made in memory (None where Keras lacks the parts)."""
-    try:
-        from keras.src.saving import saving_lib
-
-        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
-        save_state = saving_lib._save_state
-    except (ImportError, AttributeError, TypeError):
-        return None
-    save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
-    buffer = store.path_or_io
-    store.close()
-    return buffer.getvalue()
-
-
-def _check_target(filepath, suffix, overwrite):
-    """Refuse a file name Keras would refuse (before the temporary name hides it) or may not replace."""
-    if not isinstance(filepath, (str, os.PathLike)):
-        raise TypeError(f"`filepath` must be a path ending in {suffix!r}; got {filepath!r}.")
-    path = os.fspath(filepath)
-    if not path.endswith(suffix):
-        raise ValueError(f"`filepath` must end in {suffix!r}; got {path!r}.")
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
-
-
-class _Untracked:
-    """Holds the vectorizer out of sight of Keras's layer tracking and `.keras` state walking.
-
-    The vocabulary travels in the model's config instead: a tracked `TextVectorization` sub-layer
-    saves but does not load (its lookup-table asset is not restored).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-def _resolve_vectorizer(vectorizer, vocabulary_size):
-    """Accept a tokenizer layer, or the dict a saved config holds, and check its size."""
-    if vectorizer is None:
-        return None
-    from keras_nanogpt import data
-
-    if isinstance(vectorizer, dict):
-        vectorizer = data.vectorizer_from_config(vectorizer)
-    size = data.vocabulary_size(vectorizer)
-    if size > vocabulary_size:
-        raise ValueError(
-            f"`vectorizer` has {size} tokens but `vocabulary_size` is {vocabulary_size}; "
-            f"pass vocabulary_size >= {size}.")
-    return vectorizer
+        return adapters.from_config(cls, config)

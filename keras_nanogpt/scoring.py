@@ -15,7 +15,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, compiling, tokenizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,6 @@ def score(model, inputs, stride=None, batch_size=8):
         >>> result = score(model, "It is a truth universally acknowledged")  # doctest: +SKIP
         >>> result.perplexity, result.bits_per_character  # doctest: +SKIP
     """
-    from keras_nanogpt import generation
-
     context = model.sequence_length
     stride = context if stride is None else _validation.check_int("stride", stride)
     if stride > context:
@@ -96,8 +94,8 @@ def score(model, inputs, stride=None, batch_size=8):
     for row, (begin, end, _) in enumerate(windows):
         rows[row, :end - begin] = ids[begin:end]
         targets[row, :end - begin] = ids[begin + 1:end + 1]
-    log_probs = generation.compiled_function(model, ("score", batch_size, width),
-                                             lambda: _log_probs_function(model))
+    log_probs = compiling.compiled_function(model, ("score", batch_size, width),
+                                            lambda: _log_probs_function(model))
     values = []
     for start in range(0, len(windows), batch_size):
         x, y = rows[start:start + batch_size], targets[start:start + batch_size]
@@ -113,9 +111,7 @@ def score(model, inputs, stride=None, batch_size=8):
 
 def count_characters(vectorizer, ids):
     """Characters that `ids[1:]` decode to after `ids[0]` (so a word vocabulary counts its spaces)."""
-    from keras_nanogpt import data
-
-    return len(data.decode(vectorizer, list(ids))) - len(data.decode(vectorizer, list(ids[:1])))
+    return len(tokenizers.decode(vectorizer, list(ids))) - len(tokenizers.decode(vectorizer, list(ids[:1])))
 
 
 def bits_per_character(total_nll, num_characters):
@@ -126,19 +122,11 @@ def bits_per_character(total_nll, num_characters):
 
 
 def _token_ids(model, inputs):
-    from keras_nanogpt import tokenizers
-
     if isinstance(inputs, str):
         ids = tokenizers.prompt_ids(model.vectorizer, inputs, name="inputs")
     else:
-        try:
-            ids = np.asarray(inputs)
-        except ValueError:  # ragged lists
-            ids = np.asarray([], dtype=object)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"`inputs` must be a string or 1-D integer token ids; got shape {ids.shape} "
-                             f"of {ids.dtype}.")
-        _validation.check_ids("inputs", ids, model.vocabulary_size)
+        ids = _validation.check_id_array("inputs", inputs, 1, model.vocabulary_size,
+                                         "a string or 1-D integer token ids")
     if len(ids) < 2:
         raise ValueError(f"`inputs` must hold at least 2 tokens (the first is only context); got {len(ids)}.")
     return ids.astype("int32")

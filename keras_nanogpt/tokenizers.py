@@ -97,10 +97,12 @@ def make_vectorizer(text=None, level="char", max_tokens=None, vocabulary=None, m
     if level in ("char", "word"):
         return _fixed_text_vectorization(level, vocabulary)
     if level == "wordpiece":
-        return _word_piece(_read_lines(vocabulary, "vocabulary"))
+        return _word_piece(_files.read_lines(vocabulary, "vocabulary"))
     if level == "sentencepiece":
-        return _sentence_piece(_read_bytes(vocabulary, "vocabulary"))
-    return _byte_pair(_read_json(vocabulary, "vocabulary"), _read_lines(merges, "merges"))
+        return _sentence_piece(_files.read_bytes(vocabulary, "vocabulary"))
+    if isinstance(vocabulary, (str, os.PathLike)):
+        vocabulary = _files.read_json(vocabulary, "vocabulary")
+    return _byte_pair(vocabulary, _files.read_lines(merges, "merges"))
 
 
 def _learn_vectorizer(text, level, max_tokens):
@@ -186,41 +188,6 @@ def _byte_pair(vocabulary, merges):
         raise ValueError("`merges` for level='bpe' must be one or more rules 'a b' (merges.txt lines).")
     special = [t for t in _BPE_SPECIAL_TOKENS if t in vocabulary]
     return _hub().BytePairTokenizer(vocabulary=vocabulary, merges=merges, unsplittable_tokens=special)
-
-
-def _read_lines(source, name):
-    """A list of strings as given, or the lines of the file at `source`."""
-    if isinstance(source, (str, os.PathLike)):
-        return _read_file(source, name).decode("utf-8").splitlines()
-    if not isinstance(source, (list, tuple)) or not all(isinstance(t, str) for t in source):
-        raise TypeError(f"`{name}` must be a list of strings or a file path; got {type(source).__name__}.")
-    return list(source)
-
-
-def _read_bytes(source, name):
-    if isinstance(source, (str, os.PathLike)):
-        return _read_file(source, name)
-    if not isinstance(source, bytes):
-        raise TypeError(f"`{name}` must be a serialized proto (bytes) or a file path; "
-                        f"got {type(source).__name__}.")
-    return source
-
-
-def _read_json(source, name):
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    try:
-        return json.loads(_read_file(source, name))
-    except ValueError as error:
-        raise ValueError(f"`{name}` file {os.fspath(source)!r} is not valid JSON: {error}") from None
-
-
-def _read_file(path, name):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"`{name}`: no such file {path!r}.")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _hub():
@@ -341,7 +308,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """The tokenizer `save` wrote to `path`."""
-        return cls.from_config(_read_json(os.fspath(path), "path"))
+        return cls.from_config(_files.read_json(path, "path"))
 
 
 def prompt_ids(vectorizer, text, name="prompt"):
@@ -418,6 +385,28 @@ def vectorizer_to_config(vectorizer):
 def vectorizer_from_config(config):
     """`Tokenizer.from_config(config).layer`: the vectorizer `vectorizer_to_config` described."""
     return Tokenizer.from_config(config).layer
+
+
+def check_vectorizer(vectorizer, size):
+    """The tokenizer layer of `vectorizer` (a layer, or the dict a saved config holds), or None; raises
+    when it has more tokens than `size`, the model's `vocabulary_size`."""
+    if isinstance(vectorizer, dict):
+        vectorizer = vectorizer_from_config(vectorizer)
+    tokens = 0 if vectorizer is None else vocabulary_size(vectorizer)
+    if tokens > size:
+        raise ValueError(f"`vectorizer` has {tokens} tokens but `vocabulary_size` is {size}; pass "
+                         f"vocabulary_size >= {tokens}.")
+    return vectorizer
+
+
+class Untracked:
+    """Holds a model's tokenizer out of sight of Keras's layer tracking and `.keras` state walking: the
+    vocabulary travels in the model's config (a tracked `TextVectorization` saves but does not load)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _look_up(layer):

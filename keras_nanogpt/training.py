@@ -1,21 +1,19 @@
-"""Optimiser recipes for Keras: nanoGPT's (AdamW, weight decay on 2-D weights only, warmup + cosine,
-clipping) and the modern one (Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay)."""
+"""Training recipes: `RECIPES` names each one's architecture, optimizer, schedule and reference run, and
+the optimizers they use: nanoGPT's (AdamW, weight decay on 2-D weights only, warmup + cosine, clipping)
+and the modern one (Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay)."""
 
+import dataclasses
 import inspect
 import math
+import typing
 
 import keras
 from keras import ops
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, backends, configs
+from keras_nanogpt.model import NanoGPT
 
 DECAY_SHAPES = ("cosine", "linear")
-# The named recipes: what `optimizer_for` builds, and the architecture each trains (see kn.model.MODERN).
-RECIPES = {
-    "modern": "the modern architecture with Muon on the blocks' matrices and AdamW on the rest",
-    "nanogpt": "GPT-2's layout with nanoGPT's AdamW (decay on matrices), warmup + cosine and clipping",
-    "adam": "GPT-2's layout with plain Adam at a constant learning rate",
-}
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
@@ -71,18 +69,8 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                     decay_steps=self.decay_steps, final=self.final, shape=self.shape)
 
 
-def _adamw():
-    """`keras.optimizers.AdamW`, or on PyTorch its multi-tensor form (`_torch_training.ForeachAdamW`:
-    Keras gives subclasses per-variable updates there, 2-3x slower at nanoGPT's CPU recipe)."""
-    if keras.backend.backend() == "torch":
-        from keras_nanogpt._torch_training import ForeachAdamW
-
-        return ForeachAdamW
-    return keras.optimizers.AdamW
-
-
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
-class MatrixDecayAdamW(_adamw()):
+class MatrixDecayAdamW(backends.adamw_class()):
     """AdamW that decays only weights with two or more dimensions (kernels, embeddings), as nanoGPT does.
 
     Biases and LayerNorm scales/offsets (1-D) are never decayed. Takes the arguments of
@@ -238,8 +226,116 @@ def _check_run(total_steps, warmup_steps, clipnorm, gradient_accumulation_steps)
     return total_steps, warmup_steps, clipnorm, gradient_accumulation_steps
 
 
+def _modern_optimizer(total_steps, learning_rate, warmup_steps):
+    defaults = inspect.signature(muon_optimizer).parameters
+    muon = defaults["learning_rate"].default
+    ratio = defaults["adam_learning_rate"].default / muon  # AdamW's peak keeps its ratio to Muon's
+    muon = muon if learning_rate is None else learning_rate
+    return muon_optimizer(total_steps, learning_rate=muon, adam_learning_rate=muon * ratio,
+                          warmup_steps=warmup_steps)
+
+
+def _nanogpt_optimizer(total_steps, learning_rate, warmup_steps):
+    peak = 1e-3 if learning_rate is None else learning_rate
+    return nanogpt_optimizer(total_steps, learning_rate=peak, min_learning_rate=peak / 10,
+                             warmup_steps=warmup_steps)
+
+
+def _adam(total_steps, learning_rate, warmup_steps):
+    return keras.optimizers.Adam(1e-3 if learning_rate is None else learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named way to train: the architecture, the optimizer with its schedule, and the reference run
+    (batch, sequence length, steps) its figures in benchmarks/RESULTS.md were measured with.
+
+    Args:
+        name: the recipe's name in `RECIPES` and on the command line (`--recipe`).
+        description: one line on what it is.
+        size: the model size in `kn.model.CONFIGS` its reference run trains ("nano").
+        architecture: `NanoGPT` arguments over that size (`kn.model.MODERN`, or none: GPT-2's layout).
+        make_optimizer: `make_optimizer(total_steps, learning_rate, warmup_steps)`; None values mean
+            the recipe's own.
+        batch_size: windows per step of the reference run.
+        steps: optimizer steps of the reference run.
+        warmup_steps: warmup of the reference run (None: `default_warmup(steps)`).
+
+    Example:
+        >>> recipe = RECIPES["modern"]
+        >>> recipe.batch_size, recipe.sequence_length, recipe.steps
+        (32, 64, 150)
+        >>> model = recipe.build(vocabulary_size=65)  # the architecture, compiled with Muon for 150 steps
+    """
+
+    name: str
+    description: str
+    size: str
+    architecture: dict
+    make_optimizer: typing.Callable
+    batch_size: int
+    steps: int
+    warmup_steps: typing.Optional[int] = None
+
+    @property
+    def sequence_length(self):
+        """The reference run's window length: its size's context."""
+        return configs.CONFIGS[self.size]["sequence_length"]
+
+    def optimizer(self, total_steps=None, learning_rate=None, warmup_steps=None):
+        """The recipe's optimizer and schedule for a run of `total_steps` (None: the reference run's).
+
+        Args:
+            total_steps: optimizer steps of the whole run.
+            learning_rate: the peak learning rate (None: the recipe's; for "modern", Muon's, AdamW's
+                keeping its ratio to it).
+            warmup_steps: steps of warmup (None: the reference run's for its own length, else
+                `default_warmup(total_steps)`).
+
+        Example:
+            >>> optimizer = RECIPES["nanogpt"].optimizer(total_steps=2000)
+        """
+        total_steps = self.steps if total_steps is None else _validation.check_int("total_steps", total_steps)
+        if warmup_steps is None:
+            warmup_steps = (self.warmup_steps if total_steps == self.steps and self.warmup_steps is not None
+                            else default_warmup(total_steps))
+        return self.make_optimizer(total_steps, learning_rate, warmup_steps)
+
+    def build(self, vocabulary_size, total_steps=None, learning_rate=None, warmup_steps=None, size=None,
+              **overrides):
+        """A built `NanoGPT` of the recipe's size and architecture, compiled with its optimizer.
+
+        Args:
+            vocabulary_size: number of token ids.
+            total_steps, learning_rate, warmup_steps: as `optimizer`.
+            size: another size of `kn.model.CONFIGS` (None: the recipe's).
+            **overrides: any other `NanoGPT` argument (a `vectorizer`, `num_layers`, ...).
+
+        Example:
+            >>> model = RECIPES["modern"].build(vocabulary_size=65, total_steps=750)
+        """
+        model = NanoGPT.from_config_name(size or self.size, vocabulary_size, **{**self.architecture, **overrides})
+        model.compile(optimizer=self.optimizer(total_steps, learning_rate, warmup_steps))
+        return model
+
+
+def default_warmup(total_steps):
+    """Warmup steps for a run of `total_steps`: 100, or a tenth of a shorter run (nanoGPT's 100 of 2000)."""
+    return min(100, total_steps // 10)
+
+
+RECIPES = {recipe.name: recipe for recipe in (
+    Recipe("modern", "the modern architecture with Muon on the blocks' matrices and AdamW on the rest",
+           "nano", configs.MODERN, _modern_optimizer, batch_size=32, steps=150, warmup_steps=40),
+    Recipe("nanogpt", "GPT-2's layout with nanoGPT's AdamW (decay on matrices), warmup + cosine and clipping",
+           "nano", {}, _nanogpt_optimizer, batch_size=12, steps=2000),
+    Recipe("adam", "GPT-2's layout with plain Adam at a constant learning rate",
+           "nano", {}, _adam, batch_size=12, steps=2000),
+)}
+
+
 def optimizer_for(recipe, total_steps, learning_rate=None, warmup_steps=None):
-    """The optimizer of a named recipe, for a run of `total_steps`.
+    """The optimizer of a named recipe, for a run of `total_steps` (`RECIPES[recipe].optimizer`).
 
     Args:
         recipe: one of `RECIPES`: "modern" (`muon_optimizer`), "nanogpt" (`nanogpt_optimizer`, the
@@ -254,17 +350,5 @@ def optimizer_for(recipe, total_steps, learning_rate=None, warmup_steps=None):
     """
     _validation.check_choice("recipe", recipe, RECIPES)
     total_steps = _validation.check_int("total_steps", total_steps)
-    if warmup_steps is None:
-        warmup_steps = min(100, total_steps // 10)
-    if recipe == "modern":
-        defaults = inspect.signature(muon_optimizer).parameters
-        muon = defaults["learning_rate"].default
-        ratio = defaults["adam_learning_rate"].default / muon
-        muon = muon if learning_rate is None else learning_rate
-        return muon_optimizer(total_steps, learning_rate=muon, adam_learning_rate=muon * ratio,
-                              warmup_steps=warmup_steps)
-    if recipe == "nanogpt":
-        peak = 1e-3 if learning_rate is None else learning_rate
-        return nanogpt_optimizer(total_steps, learning_rate=peak, min_learning_rate=peak / 10,
-                                 warmup_steps=warmup_steps)
-    return keras.optimizers.Adam(1e-3 if learning_rate is None else learning_rate)
+    warmup_steps = default_warmup(total_steps) if warmup_steps is None else warmup_steps
+    return RECIPES[recipe].optimizer(total_steps, learning_rate, warmup_steps)

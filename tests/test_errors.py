@@ -205,7 +205,7 @@ def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(case, unt
     weights = [w.copy() for w in untouched_model.get_weights()]
     with pytest.raises(error, match=message):
         call(untouched_model.vectorizer, untouched_model)
-    assert getattr(untouched_model, "_kn_generation", None) is None or untouched_model._kn_generation.traces == 0
+    assert getattr(untouched_model, "_kn_compiled", None) is None or untouched_model._kn_compiled.traces == 0
     for before, after in zip(weights, untouched_model.get_weights()):
         np.testing.assert_array_equal(before, after)
 

@@ -84,7 +84,7 @@ def test_keras_hub_samplers(sharp_model, sampler):
 def test_compiled_once_across_prompts_seeds_and_training(trainable_model, small_text, char_vectorizer):
     sharp_model = trainable_model
     sharp_model.generate("It is", max_new_tokens=8, seed=0)
-    traces = sharp_model._kn_generation.traces
+    traces = sharp_model._kn_compiled.traces
     sharp_model.generate("Mr. Darcy", max_new_tokens=8, seed=1)
     sharp_model.compile()
     train, _ = kn.data.make_datasets(small_text, char_vectorizer, CONTEXT, 8, seed=0)
@@ -92,7 +92,7 @@ def test_compiled_once_across_prompts_seeds_and_training(trainable_model, small_
     sharp_model.fit(train.take(3), verbose=0)
     after = sharp_model.generate("It is", max_new_tokens=8, temperature=0)
     sharp_model.generate("She", max_new_tokens=8, seed=2)
-    assert sharp_model._kn_generation.traces - traces <= 1  # at most the greedy sampler's loop
+    assert sharp_model._kn_compiled.traces - traces <= 1  # at most the greedy sampler's loop
     assert after == reference_text(sharp_model, "It is", 8)  # the new weights are used
     assert isinstance(before, str)
 

@@ -98,7 +98,7 @@ def test_every_sampler_runs_on_the_int8_kv_cache(int8_model, ids):
         context[0, length] = np.argmax(to_numpy(model(context))[0, length - 1])
     np.testing.assert_array_equal(greedy, context[:, :12])
     # Top-k and top-p in one keras-hub TopPSampler, then beam search (contrastive search runs the same
-    # search loop, `generation._search_function`, and costs twice beam's compilation).
+    # search loop, `decoding.search_loop`, and costs twice beam's compilation).
     for options in ({"top_p": 0.9, "top_k": 5, "seed": 1}, {"sampler": "beam"}):
         out = model.generate(prompt, max_new_tokens=4, **options)
         assert out.shape == (1, 10) and np.array_equal(out[:, :6], prompt), options

@@ -53,26 +53,26 @@ def test_compiled_steps_equal_eager_ones_and_compile_once(model, monkeypatch, co
     sampled = dict(max_new_tokens=10, top_k=5, seed=4, stop=[[7, 7]])
     eager_greedy = generate_all(model, monkeypatch, "never", **greedy)
     eager_sampled = generate_all(model, monkeypatch, "never", **sampled)
-    assert model._kn_generation.traces == 0
+    assert model._kn_compiled.traces == 0
     # "auto" with nothing to amortise: the first token runs eagerly (its rate measured), then the
     # step compiles in the middle of the call, which still gives the eager tokens.
     monkeypatch.setattr(_torch_compile, "COMPILE_SECONDS", 0.0)
     assert generate_all(model, monkeypatch, "auto", **greedy) == eager_greedy
-    assert model._kn_generation.traces == 1
+    assert model._kn_compiled.traces == 1
     assert generate_all(model, monkeypatch, "always", **sampled) == eager_sampled
-    assert model._kn_generation.traces == 1  # greedy and sampled tokens share the graph
+    assert model._kn_compiled.traces == 1  # greedy and sampled tokens share the graph
     compilations = inductor_compilations()
     # The next process expects TorchInductor's disk caches to hold the step: a cheaper compilation.
     (key, entry), = json.loads(compile_records.read_text()).items()
     assert entry["count"] == 1 and _torch_compile.expected_compile_seconds(key) < entry["first"]
     # New prompts, seeds, samplers of the same kind, and trained weights reuse the two graphs.
     generate_all(model, monkeypatch, "always", max_new_tokens=10, top_p=0.8, seed=5, stop=[[1, 2]])
-    assert model._kn_generation.traces == 1
+    assert model._kn_compiled.traces == 1
     model.compile(optimizer=keras.optimizers.Adam(0.1), jit_compile=False)
     ids = np.random.default_rng(0).integers(0, 24, (8, 17)).astype("int32")
     model.fit(ids[:, :-1], ids[:, 1:], epochs=2, verbose=0)
     trained = generate_all(model, monkeypatch, "always", **greedy)
-    assert model._kn_generation.traces == 1 and inductor_compilations() == compilations
+    assert model._kn_compiled.traces == 1 and inductor_compilations() == compilations
     assert trained == generate_all(model, monkeypatch, "never", **greedy)  # the new weights
     assert trained != eager_greedy
 
@@ -81,10 +81,10 @@ def test_short_calls_stay_eager_and_a_failed_compilation_falls_back(model, monke
     from keras_nanogpt import _torch_compile
 
     monkeypatch.setenv("KERAS_NANOGPT_TORCH_COMPILE", "auto")
-    traces = model._kn_generation.traces if hasattr(model, "_kn_generation") else 0
+    traces = model._kn_compiled.traces if hasattr(model, "_kn_compiled") else 0
     batch = np.array([[1, 2], [3, 4], [5, 6]], "int32")  # a new shape: no compiled step yet
     eager = model.generate(batch, max_new_tokens=6, temperature=0)
-    assert model._kn_generation.traces == traces  # 6 eager tokens never pay for a compilation
+    assert model._kn_compiled.traces == traces  # 6 eager tokens never pay for a compilation
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
@@ -96,7 +96,7 @@ def test_short_calls_stay_eager_and_a_failed_compilation_falls_back(model, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # tried once: later calls stay eager without warning again
         assert (model.generate(batch, max_new_tokens=6, temperature=0) == eager).all()
-    assert model._kn_generation.traces == traces
+    assert model._kn_compiled.traces == traces
 
 
 def test_compile_mode_variable_is_checked(model, monkeypatch):
@@ -134,11 +134,11 @@ def test_traced_graph_decodes_as_eager_steps_with_fewer_operations(monkeypatch):
     sampled = dict(max_new_tokens=12, top_k=5, seed=7)
     nucleus = dict(max_new_tokens=12, top_p=0.9, seed=8)
     eager = [generate_all(model, monkeypatch, "never", **kwargs) for kwargs in (greedy, sampled, nucleus)]
-    assert model._kn_generation.traces == 0
+    assert model._kn_compiled.traces == 0
     traced = [generate_all(model, monkeypatch, "trace", **kwargs) for kwargs in (greedy, sampled, nucleus)]
     assert traced == eager  # the same tokens, the same seeded draws
-    assert model._kn_generation.traces == 1  # one step for every prompt and sampler of this kind
-    step, = model._kn_generation.steps.values()
+    assert model._kn_compiled.traces == 1  # one step for every prompt and sampler of this kind
+    step, = model._kn_compiled.steps.values()
     assert step.graph is not None and step.function is None  # "trace" never compiles
     # The lean graph runs far fewer operations than the plain trace of the same step.
     raw = []

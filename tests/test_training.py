@@ -71,3 +71,28 @@ def test_bad_optimizer_arguments(kwargs, argument):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=argument):
         kn.training.nanogpt_optimizer(**arguments)
+
+
+def test_recipes_name_their_architecture_optimizer_and_reference_run():
+    from keras_nanogpt import cli
+
+    recipes = kn.training.RECIPES
+    assert set(recipes) == {"modern", "nanogpt", "adam"}
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    recipe_choices = next(a.choices for a in commands["train"]._actions if a.dest == "recipe")
+    assert set(recipe_choices) == set(recipes)  # --recipe offers the same table
+    modern = recipes["modern"]
+    assert (modern.batch_size, modern.sequence_length, modern.steps) == (32, 64, 150)
+    model = modern.build(30, num_layers=1)
+    assert model.num_layers == 1 and model.hidden_dim == 128 and model.position_embedding == "rotary"
+    assert isinstance(model.optimizer, kn.training.MatrixDecayMuon) and model.optimizer.built
+    assert model.optimizer._learning_rate.total_steps == 150
+    assert modern.optimizer()._learning_rate.warmup_steps == 40  # the reference run's warmup
+    assert modern.optimizer(750)._learning_rate.warmup_steps == 75  # another length: default_warmup
+    nanogpt = recipes["nanogpt"].build(30, total_steps=500, num_layers=1)
+    assert isinstance(nanogpt.optimizer, kn.training.MatrixDecayAdamW) and nanogpt.position_embedding == "learned"
+    assert nanogpt.optimizer._learning_rate.total_steps == 500 and nanogpt.optimizer._learning_rate.final == 1e-4
+    optimizer = kn.training.optimizer_for("nanogpt", 2000)
+    assert optimizer._learning_rate.warmup_steps == 100 and isinstance(optimizer, kn.training.MatrixDecayAdamW)
+    with pytest.raises(ValueError, match="`recipe` must be one of"):
+        kn.training.optimizer_for("fast", 10)

@@ -13,12 +13,11 @@ import logging
 import time
 import uuid
 
-import keras
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, backends
 from keras_nanogpt.serve import batching, page
 from keras_nanogpt.serve.requests import APIError, completion_params, parse_json, read_body, unknown_model
 
@@ -113,7 +112,7 @@ class _Service:
         self.card = {"id": name, "object": "model", "created": self.created, "owned_by": "keras-nanogpt",
                      "parameters": int(model.count_params()), "context_length": int(model.sequence_length),
                      "vocabulary_size": int(model.vocabulary_size), "layers": int(model.num_layers),
-                     "hidden_dim": int(model.hidden_dim), "backend": keras.backend.backend(),
+                     "hidden_dim": int(model.hidden_dim), "backend": backends.name(),
                      "max_tokens": max_tokens, "max_batch": batcher.max_batch,
                      "max_prompt_tokens": batcher.max_prompt_tokens}
         self.page, self.page_policy = page.page()

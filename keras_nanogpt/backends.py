@@ -1,0 +1,177 @@
+"""What the package does differently on TensorFlow, JAX and PyTorch, in one place.
+
+The rest of the package asks these functions and never reads `keras.backend.backend()` itself; the
+PyTorch-only machinery they call lives in `_torch_*.py` (imported only when PyTorch runs), the
+strategies and multi-host helpers in `distribute.py`.
+
+- Generation and scoring: `compile_function` (`jax.jit` / `tf.function(jit_compile=True)` of a
+  function that takes the weights as arguments; PyTorch runs it without autograd) and
+  `compile_decode` (PyTorch: a loop over one token's step, traced or compiled by TorchInductor).
+- Training: `training_jit_compile` and `after_compile` (`NanoGPT.compile`'s defaults: XLA on
+  TensorFlow's CPU too, traced ATen steps on PyTorch), `adamw_class`, `retrack_variables`.
+
+Example:
+    >>> name() in ("tensorflow", "jax", "torch")
+    True
+"""
+
+import keras
+from keras import ops
+
+from keras_nanogpt import decoding
+
+
+def name():
+    """The running backend: "tensorflow", "jax" or "torch" (Keras reads `KERAS_BACKEND` once)."""
+    return keras.backend.backend()
+
+
+def compile_function(model, function, on_trace):
+    """`function` compiled for the backend, taking the model's weights as arguments.
+
+    JAX: `jax.jit` of a stateless function whose first argument is the weights (as keras-hub's
+    `CausalLM.generate` does). TensorFlow: `tf.function(jit_compile=True)`, weights likewise passed
+    in. PyTorch: run eagerly without autograd (prefill, scoring and search samplers; the decode loop
+    is `compile_decode`'s). New weights (training, loading) never retrace.
+
+    Args:
+        model: the `NanoGPT` whose variables `function` reads.
+        function: a `keras.ops` function of tensors.
+        on_trace: called each time the function is traced (JAX, TensorFlow).
+
+    Example:
+        >>> logits = compile_function(model, lambda ids: model(ids), lambda: None)  # doctest: +SKIP
+    """
+    backend = name()
+    if backend not in ("jax", "tensorflow"):
+
+        def run(*args, **kwargs):
+            args, kwargs = keras.tree.map_structure(ops.convert_to_tensor, (args, kwargs))
+            if backend == "torch":
+                import torch
+
+                with torch.no_grad():
+                    return function(*args, **kwargs)
+            return function(*args, **kwargs)
+
+        return run
+
+    variables = model.variables
+
+    def stateless(values, *args, **kwargs):
+        on_trace()  # runs only while tracing
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return function(*args, **kwargs)
+
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(stateless)
+    else:
+        import tensorflow as tf
+
+        compiled = tf.function(stateless, jit_compile=True)
+    return lambda *args, **kwargs: compiled([v.value for v in variables], *args, **kwargs)
+
+
+def compile_decode(model, sampler, steps, on_trace):
+    """The decode loop (`decoding.decode_loop`) for `sampler`, compiled for the backend.
+
+    PyTorch: a Python loop over one token's step, which `_torch_compile.Decoder` runs eagerly, as a
+    traced ATen graph or compiled by TorchInductor, whichever the call's length pays for; `steps`
+    (a dict kept with the model) shares those compiled steps between samplers. Elsewhere:
+    `compile_function` of the whole `ops.while_loop`.
+
+    Args:
+        model: a `NanoGPT`.
+        sampler: a keras-hub token sampler.
+        steps: the model's dict of PyTorch decode steps (unused elsewhere).
+        on_trace: called at each trace or compilation.
+
+    Example:
+        >>> decode = compile_decode(model, keras_hub.samplers.GreedySampler(), {}, lambda: None)  # doctest: +SKIP
+    """
+    if name() == "torch":
+        from keras_nanogpt import _torch_compile
+
+        return _torch_compile.Decoder(model, sampler, decoding.token_step(model, sampler), steps, on_trace)
+    return compile_function(model, decoding.decode_loop(model, sampler), on_trace)
+
+
+def training_jit_compile(model, jit_compile, run_eagerly=False):
+    """The `jit_compile` that `NanoGPT.compile` gives Keras for the caller's `jit_compile`.
+
+    "auto" on TensorFlow outside a distribution strategy: True, XLA on CPU too (Keras's own "auto"
+    leaves it off on CPU-only machines; at nanoGPT's CPU recipe XLA trains 1.5x faster,
+    benchmarks/RESULTS.md). PyTorch: "auto" is False for Keras (no `torch.compile`; `after_compile`
+    installs the traced steps instead), with a warning where bfloat16 would train slowly.
+
+    Args:
+        model: the `NanoGPT` being compiled.
+        jit_compile: the caller's value (True, False or "auto").
+        run_eagerly: the caller's `run_eagerly`.
+
+    Example:
+        >>> training_jit_compile(model, "auto")  # doctest: +SKIP
+        True
+    """
+    backend = name()
+    if backend == "tensorflow":
+        # Keras sets `_distribute_strategy` when a model is created under a strategy; XLA stays off there.
+        if jit_compile == "auto" and not run_eagerly and model._distribute_strategy is None:
+            return True
+    elif backend == "torch":
+        from keras_nanogpt import _torch_training
+
+        _torch_training.warn_if_slow_bfloat16(model)
+        return _torch_training.jit_compile_choice(jit_compile)
+    return jit_compile
+
+
+def after_compile(model, jit_compile):
+    """Finish `NanoGPT.compile`: build the optimizer's and the metrics' variables now, for token-id
+    targets, rather than inside the first training step (on TensorFlow a `tf.function` that creates
+    variables is traced twice, which doubled the first step's start-up, benchmarks/RESULTS.md); on
+    PyTorch, Keras's train and test steps become traced ATen graphs (`_torch_training.TracedStep`)
+    unless `jit_compile` asked for something else. Targets of another shape (a loss of the caller's)
+    are built by Keras in the first step, as usual.
+
+    Example:
+        >>> after_compile(model, "auto")  # doctest: +SKIP
+    """
+    ids = keras.KerasTensor((None, model.sequence_length), "int32")
+    try:
+        model._symbolic_build(data_batch=(ids, ids))
+    except (ValueError, TypeError, RuntimeError):
+        model.optimizer.build(model.trainable_variables)
+    if name() == "torch":
+        from keras_nanogpt import _torch_training
+
+        _torch_training.install_traced_steps(model, jit_compile)
+
+
+def adamw_class():
+    """`keras.optimizers.AdamW`, or on PyTorch its multi-tensor form (`_torch_training.ForeachAdamW`:
+    Keras gives subclasses per-variable updates there, 2-3x slower at nanoGPT's CPU recipe).
+
+    Example:
+        >>> issubclass(adamw_class(), keras.optimizers.Optimizer)
+        True
+    """
+    if name() == "torch":
+        from keras_nanogpt import _torch_training
+
+        return _torch_training.ForeachAdamW
+    return keras.optimizers.AdamW
+
+
+def retrack_variables(model):
+    """After variables were deleted from the model's layers (LoRA merged), register the ones left
+    again where the backend keeps its own list (PyTorch's module parameters).
+
+    Example:
+        >>> retrack_variables(model)  # doctest: +SKIP
+    """
+    if name() == "torch":
+        for layer in model._flatten_layers():
+            layer._track_variables()
