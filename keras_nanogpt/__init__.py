@@ -2,11 +2,13 @@
 
 __version__ = "0.1.0"  # before the modules, which save it (saving.py)
 
-from keras_nanogpt import (adapters, backup, callbacks, convert, data, distribute, export, generation, saving, scoring,
+from keras_nanogpt import (adapters, backends, backup, callbacks, convert, data, distribute, export, generation, saving, scoring,
                            tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 from keras_nanogpt.scoring import score
+
+backends.keep_heap_padding()  # JAX: malloc keeps its heaps' tops, or XLA's steps page-fault (see there)
 
 __all__ = [
     "CONFIGS",

@@ -8,17 +8,25 @@ strategies and multi-host helpers in `distribute.py`.
   function that takes the weights as arguments; PyTorch runs it without autograd) and
   `compile_decode` (PyTorch: a loop over one token's step, traced or compiled by TorchInductor).
 - Training: `training_jit_compile` and `after_compile` (`NanoGPT.compile`'s defaults: XLA on
-  TensorFlow's CPU too, traced ATen steps on PyTorch), `adamw_class`, `retrack_variables`.
+  TensorFlow's CPU too, traced ATen steps on PyTorch), `adamw_class`, `retrack_variables`, and
+  `keep_heap_padding` (JAX: the host allocator's setting that `import keras_nanogpt` makes).
 
 Example:
     >>> name() in ("tensorflow", "jax", "torch")
     True
 """
 
+import ctypes
+import os
+import sys
+
 import keras
 from keras import ops
 
 from keras_nanogpt import decoding
+
+_HEAP_TOP_PAD = 64 << 20  # bytes glibc's malloc keeps at the top of a heap (M_TOP_PAD) under JAX
+_allocator_tuned = []  # once per process
 
 
 def name():
@@ -148,6 +156,50 @@ def after_compile(model, jit_compile):
         from keras_nanogpt import _torch_training
 
         _torch_training.install_traced_steps(model, jit_compile)
+
+
+def keep_heap_padding():
+    """JAX under glibc: let malloc keep 64 MB at the top of each heap it grows or trims
+    (`mallopt(M_TOP_PAD)`). `import keras_nanogpt` calls it, since it only holds for the heaps made after
+    it (XLA's threads make theirs at the first JAX computation). A `MALLOC_TOP_PAD_` of the user's wins
+    (`MALLOC_TOP_PAD_=131072` keeps glibc's default); other backends and platforms are left as they are.
+
+    XLA's CPU runtime allocates each step's buffers and frees them after it. With glibc's default pad
+    (128 KB) its threads' heaps then grow and shrink at every step, and the page faults took a quarter
+    of the CPU time: at nanoGPT's CPU recipe the training step went from 55 to 42 ms, peak memory up 6%
+    (benchmarks/RESULTS.md, issue 26).
+
+    Example:
+        >>> keep_heap_padding()  # doctest: +SKIP
+    """
+    if (_allocator_tuned or name() != "jax" or "MALLOC_TOP_PAD_" in os.environ
+            or not sys.platform.startswith("linux")):
+        return
+    _allocator_tuned.append(True)
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-2, _HEAP_TOP_PAD)  # -2: M_TOP_PAD
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        pass
+
+
+def cache_compilations(directory):
+    """Keep JAX's compiled programs in `directory` (its persistent compilation cache): a later process
+    that trains or generates with the same model and shapes loads them instead of compiling again.
+
+    Args:
+        directory: a folder (made when missing); safe to share between runs of one JAX version.
+
+    Example:
+        >>> cache_compilations("~/.cache/keras_nanogpt_jax")  # doctest: +SKIP
+    """
+    if name() != "jax":
+        raise ValueError(f"A compilation cache is kept for the JAX backend only; this process runs {name()} "
+                         f"(set KERAS_BACKEND=jax).")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(os.fspath(directory)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def adamw_class():

@@ -70,6 +70,8 @@ def build_parser():
                        help="back up here (also on SIGTERM/SIGINT) and resume from it after a crash")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between backups / reports")
     train.add_argument("--tensorboard", help="log directory for TensorBoard scalars and samples")
+    train.add_argument("--compilation-cache", help="JAX: keep compiled steps in this folder; a later run "
+                       "of the same shapes starts without compiling")
     train.add_argument("--plot", help="PNG of train and validation loss")
     train.add_argument("--prompt", help="print a sample from this prompt after every report")
     train.add_argument("--peak-flops", type=float, help="hardware peak FLOP/s, for MFU")
@@ -176,6 +178,8 @@ def train(args):
     _check_train_arguments(args)
     if args.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
+    if args.compilation_cache:
+        kn.backends.cache_compilations(args.compilation_cache)
     keras.utils.set_random_seed(args.seed)
     strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
     text = kn.data.load_text(args.text)
@@ -289,6 +293,9 @@ def _check_train_arguments(args):
     if args.level is not None:
         check.check_choice("--level", args.level, kn.data.LEVELS)
     check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
+    if args.compilation_cache and kn.backends.name() != "jax":
+        raise ValueError(f"`--compilation-cache` is for the JAX backend; this run uses {kn.backends.name()} "
+                         f"(set KERAS_BACKEND=jax).")
     if args.learning_rate is not None:
         check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
     check.check_float("--validation-split", args.validation_split, 0.0, 1.0, high_inclusive=False)

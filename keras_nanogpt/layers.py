@@ -19,6 +19,16 @@ def _config(layer, *names):
     return config
 
 
+def as_rows(x):
+    """`x` `(batch, time, width)` as rows `(batch * time, width)`, and a function that gives a result its
+    `(batch, time)` back. The projections multiply rows: XLA's CPU backward pass then multiplies the
+    gradients as they lie, where 3-D activations are transposed first (benchmarks/RESULTS.md, issue 26).
+    """
+    batch, time = ops.shape(x)[0], ops.shape(x)[1]
+    return (ops.reshape(x, (-1, ops.shape(x)[-1])),
+            lambda rows: ops.reshape(rows, (batch, time, ops.shape(rows)[-1])))
+
+
 POSITION_EMBEDDINGS = ("learned", "rotary")
 NORMS = ("layer", "rms")
 
@@ -172,7 +182,7 @@ class CausalSelfAttention(keras.layers.Layer):
             The output `(batch, time, hidden_dim)`, and the updated cache when one was given.
         """
         batch, time = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        qkv = self.qkv_dense(inputs)  # (batch, time, 3 * hidden_dim)
+        qkv = self.qkv_dense(as_rows(inputs)[0])  # (batch * time, 3 * hidden_dim)
         qkv = ops.reshape(qkv, (batch, time, 3, self.num_heads, self.head_dim))
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (batch, time, heads, head_dim)
         if self.qk_norm:
@@ -185,8 +195,8 @@ class CausalSelfAttention(keras.layers.Layer):
             attended = ops.dot_product_attention(query, key, value, is_causal=True)
         else:
             attended, cache = self._attend_with_cache(query, key, value, cache, cache_index)
-        attended = ops.reshape(attended, (batch, time, self.hidden_dim))
-        outputs = self.output_dropout(self.output_dense(attended), training=training)
+        attended, as_tokens = as_rows(ops.reshape(attended, (batch, time, self.hidden_dim)))
+        outputs = self.output_dropout(as_tokens(self.output_dense(attended)), training=training)
         return outputs if cache is None else (outputs, cache)
 
     def _attend_with_cache(self, query, key, value, cache, cache_index):
@@ -298,8 +308,9 @@ class TransformerBlock(keras.layers.Layer):
         if cache is not None:
             attended, cache = attended
         x = inputs + attended
-        hidden = self._activation_fn(self.mlp_dense(self.mlp_norm(x)))  # (batch, time, intermediate_dim)
-        x = x + self.mlp_dropout(self.mlp_output_dense(hidden), training=training)
+        rows, as_tokens = as_rows(self.mlp_norm(x))  # (batch * time, hidden_dim)
+        hidden = self._activation_fn(self.mlp_dense(rows))  # (batch * time, intermediate_dim)
+        x = x + self.mlp_dropout(as_tokens(self.mlp_output_dense(hidden)), training=training)
         return x if cache is None else (x, cache)
 
     def compute_output_shape(self, input_shape):

@@ -10,7 +10,7 @@ from keras import ops
 from keras_nanogpt import _validation, adapters, backends, generation, saving, scoring, tokenizers
 from keras_nanogpt.callbacks import with_loss_guard
 from keras_nanogpt.configs import ARGUMENTS, CONFIGS, MODERN, check_arguments  # noqa: F401 (kn.model's names)
-from keras_nanogpt.layers import TokenAndPositionEmbedding, TransformerBlock, make_norm
+from keras_nanogpt.layers import TokenAndPositionEmbedding, TransformerBlock, as_rows, make_norm
 
 load_model = saving.load_model  # kn.model.load_model, as before
 
@@ -156,9 +156,9 @@ class NanoGPT(keras.Model):
                      for _ in self.blocks)
 
     def _logits(self, hidden):
-        logits = (self.embedding.project_to_vocabulary(hidden) if self.head is None
-                  else self.head(hidden))
-        return ops.cast(logits, "float32")  # (batch, time, vocabulary_size), float32 under mixed precision
+        rows, as_tokens = as_rows(hidden)  # (batch * time, hidden_dim)
+        logits = self.embedding.project_to_vocabulary(rows) if self.head is None else self.head(rows)
+        return ops.cast(as_tokens(logits), "float32")  # (batch, time, vocabulary), float32 in mixed precision
 
     def compile(self, optimizer=None, loss=None, metrics=None, jit_compile="auto", **kwargs):
         """Compile with nanoGPT-friendly defaults; every argument the caller passes wins.

@@ -229,3 +229,16 @@ def test_bench_prints_the_training_speed_json():
     assert run["ms_per_step"] > 0
     assert run["tokens_per_second"] == pytest.approx(12 * 16 / run["ms_per_step"] * 1000, rel=0.01)
     assert run["mfu"] == round(run["flops_per_second"] / (report["peak_fp32_gflops"] * 1e9), 3) > 0
+
+
+def test_compilation_cache_keeps_the_jax_programs(workdir, tmp_path):
+    """`--compilation-cache DIR`: JAX writes its compiled steps there; other backends refuse the flag first."""
+    cache = tmp_path / "cache"
+    code, out, err = _finish(_start("train", "--text", workdir / "corpus.txt", *TINY, "--steps", "4",
+                                    "--checkpoint-every", "2", "--out", tmp_path / "m.keras",
+                                    "--compilation-cache", cache))
+    if BACKEND != "jax":
+        assert code == 2 and "--compilation-cache" in err and not cache.exists() and not (tmp_path / "m.keras").exists()
+        return
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "m.keras").exists() and len(list(cache.iterdir())) >= 2  # the train and test steps at least
