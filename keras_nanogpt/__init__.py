@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"  # before the modules, which save it (saving.py)
 
-from keras_nanogpt import (adapters, backends, backup, callbacks, convert, data, distribute, export, generation, saving, scoring,
-                           tokenizers, training)
+from keras_nanogpt import (adapters, backends, backup, callbacks, convert, data, distribute, export, generation,
+                           saving, scoring, tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 from keras_nanogpt.scoring import score
@@ -17,6 +17,7 @@ __all__ = [
     "TokenAndPositionEmbedding",
     "TransformerBlock",
     "adapters",
+    "backends",
     "backup",
     "callbacks",
     "convert",

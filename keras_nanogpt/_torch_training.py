@@ -47,7 +47,8 @@ class ForeachAdamW(_KerasTorchAdamW):
 
 
 def warn_if_slow_bfloat16(model):
-    """Warn that training `model` in bfloat16 on PyTorch's CPU is slow, and why (called by `compile`).
+    """Warn that training `model` in bfloat16 on PyTorch's CPU is slow, and why (`NanoGPT.compile` calls it
+    through `backends.training_jit_compile`).
 
     Keras's mixed precision casts every weight at every layer call, and PyTorch's eager CPU kernels
     for bfloat16 are only fast with AMX matrix units (absent from the host measured): at
@@ -60,7 +61,8 @@ def warn_if_slow_bfloat16(model):
         "nanoGPT's speed against 0.58x at its CPU recipe; benchmarks/RESULTS.md): every layer call "
         "casts its weights to bfloat16 and eager bfloat16 CPU kernels are slow without AMX matrix "
         "units" + ("" if _has_amx() else ", which this CPU lacks") + ". Train in float32 on CPU "
-        "(keras.config.set_dtype_policy('float32')), or bfloat16 on a GPU.", UserWarning, stacklevel=3)
+        "(keras.config.set_dtype_policy('float32')), or bfloat16 on a GPU.", UserWarning,
+        stacklevel=4)  # the line that called NanoGPT.compile
 
 
 def _has_amx():

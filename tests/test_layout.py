@@ -27,8 +27,9 @@ def test_only_the_backend_modules_read_the_backend():
 
 def test_model_py_imports_every_package_module_at_the_top():
     tree = ast.parse((PACKAGE / "model.py").read_text())
-    nested = [node.lineno for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    nested = [node.lineno for function in functions for node in ast.walk(function)
+              if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert not nested, f"function-local imports at lines {nested}"
 
 
