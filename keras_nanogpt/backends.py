@@ -26,7 +26,6 @@ from keras import ops
 from keras_nanogpt import decoding
 
 _HEAP_TOP_PAD = 64 << 20  # bytes glibc's malloc keeps at the top of a heap (M_TOP_PAD) under JAX
-_allocator_tuned = []  # once per process
 
 
 def name():
@@ -172,10 +171,8 @@ def keep_heap_padding():
     Example:
         >>> keep_heap_padding()  # doctest: +SKIP
     """
-    if (_allocator_tuned or name() != "jax" or "MALLOC_TOP_PAD_" in os.environ
-            or not sys.platform.startswith("linux")):
+    if name() != "jax" or "MALLOC_TOP_PAD_" in os.environ or not sys.platform.startswith("linux"):
         return
-    _allocator_tuned.append(True)
     try:
         ctypes.CDLL("libc.so.6").mallopt(-2, _HEAP_TOP_PAD)  # -2: M_TOP_PAD
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)

@@ -100,7 +100,7 @@ def load_model(filepath, **kwargs):
 def _weights_h5_bytes(model):
     """The `.weights.h5` file Keras's `save_weights` writes, made in memory (None where Keras lacks the
     parts). Keras has no public API for an in-memory weights file: this is the one use of its private
-    `saving_lib`, tested by tests/test_saving.py against `keras.Model.save_weights`."""
+    `saving_lib`, tested against `keras.Model.save_weights` by tests/test_model.py."""
     try:
         from keras.src.saving import saving_lib
 
