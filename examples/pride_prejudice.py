@@ -1,8 +1,8 @@
 """Train a character-level GPT on Pride and Prejudice, show samples while it learns, then generate.
 
 Runs end to end with no arguments and saves `pride_and_prejudice.keras`: on a 2-core CPU (TensorFlow, the
-modern recipe, 750 steps of 16 windows of 128 characters) it took 258 s from start to the last sample
-and ended at validation loss 1.217 (2026-12-01, benchmarks/RESULTS.md).
+modern recipe, 1000 steps of 16 windows of 128 characters) it trained in 137 s and ended at validation
+loss 1.180 (2026-12-04, benchmarks/RESULTS.md).
 
     python examples/pride_prejudice.py
     KERAS_BACKEND=jax python examples/pride_prejudice.py --steps 50
@@ -21,7 +21,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default="pride_and_prejudice", help="corpus name or path of a text file")
     parser.add_argument("--level", default="char", help="tokenizer level (char, word, ...)")
-    parser.add_argument("--steps", type=int, default=750, help="optimizer steps in all")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between validation and samples")
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -30,7 +30,8 @@ def parse_args():
     parser.add_argument("--hidden-dim", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--recipe", default="modern", choices=tuple(kn.training.RECIPES),
-                        help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon; nanogpt: GPT-2's layout and AdamW")
+                        help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon; speedrun: the same with capped "
+                             "logits and a tuned Muon/AdamW (at --layers here); nanogpt: GPT-2's layout, AdamW")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak (default: the recipe's)")
     parser.add_argument("--strategy", default="none",
                         help="none, mirrored, tpu, data-parallel, model-parallel or multi-host")

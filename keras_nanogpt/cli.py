@@ -57,9 +57,10 @@ def build_parser():
     length.add_argument("--epochs", type=int, help="passes over the training windows")
     train.add_argument("--learning-rate", type=float,
                        help="peak learning rate (default: the recipe's; modern: Muon's)")
-    train.add_argument("--recipe", default="modern", choices=("modern", "nanogpt", "adam"),
-                       help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon (the default); nanogpt: GPT-2's "
-                            "layout, AdamW, warmup + cosine, clipping; adam: GPT-2's layout, plain Adam")
+    train.add_argument("--recipe", default="modern", choices=("modern", "speedrun", "nanogpt", "adam"),
+                       help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon (the default); speedrun: the modern "
+                            "layout in 2 blocks, capped logits, tuned Muon/AdamW (nanoGPT's loss soonest); "
+                            "nanogpt: GPT-2's layout, AdamW, warmup + cosine, clipping; adam: plain Adam")
     train.add_argument("--validation-split", type=float, default=0.1)
     train.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16")
     train.add_argument("--strategy", default="none",

@@ -23,7 +23,7 @@ CONFIGS["baby-modern"] = dict(CONFIGS["baby"], **MODERN)
 # The architecture's arguments, checked (each error names the argument), as `get_config` saves them.
 ARGUMENTS = ("vocabulary_size", "sequence_length", "num_layers", "num_heads", "hidden_dim", "dropout",
              "use_bias", "tie_embeddings", "activation", "layer_norm_epsilon", "position_embedding",
-             "qk_norm", "norm", "zero_init_residual")
+             "qk_norm", "norm", "zero_init_residual", "logit_softcap")
 
 
 def check_arguments(arguments):
@@ -43,4 +43,7 @@ def check_arguments(arguments):
         checked[name] = check.check_choice(name, arguments[name], choices)
     for name in ("use_bias", "tie_embeddings", "qk_norm", "zero_init_residual"):
         checked[name] = check.check_flag(name, arguments[name])
+    softcap = arguments["logit_softcap"]  # None: no cap
+    checked["logit_softcap"] = None if softcap is None else check.check_float(
+        "logit_softcap", softcap, 0.0, math.inf, low_inclusive=False)
     return {name: checked[name] for name in ARGUMENTS}

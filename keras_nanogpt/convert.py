@@ -229,13 +229,13 @@ def _check_gpt2_layout(model):
     """Refuse a model whose layout GPT-2 and nanoGPT cannot hold (rotary positions, RMSNorm, ...)."""
     differences = [f"{name}={value!r}" for name, value, gpt2 in (
         ("position_embedding", model.position_embedding, "learned"), ("norm", model.norm, "layer"),
-        ("qk_norm", model.qk_norm, False)) if value != gpt2]
+        ("qk_norm", model.qk_norm, False), ("logit_softcap", model.logit_softcap, None)) if value != gpt2]
     if model.activation not in _TO_HF_ACTIVATIONS:
         differences.append(f"activation={model.activation!r}")
     if differences:
         raise ValueError(
             f"GPT-2 and nanoGPT weights need the GPT-2 layout (position_embedding='learned', norm='layer', "
-            f"qk_norm=False, activation one of {sorted(_TO_HF_ACTIVATIONS)}); this model has "
+            f"qk_norm=False, logit_softcap=None, activation one of {sorted(_TO_HF_ACTIVATIONS)}); this model has "
             f"{', '.join(differences)} (a modern configuration such as 'nano-modern').")
 
 

@@ -40,8 +40,8 @@ class NanoGPT(keras.Model):
             attention, no table; generation past the context works alike).
         qk_norm: RMS-normalise queries and keys per head before attention.
         norm: "layer" (LayerNorm) or "rms" (RMSNorm), in every block and at the end.
-        zero_init_residual: start the attention and MLP output projections at zero, so each block
-            begins as the identity.
+        zero_init_residual: start the residual output projections at zero (each block the identity).
+        logit_softcap: squash the logits into (-cap, cap) as `cap * tanh(logits / cap)`, or None.
         vectorizer: optional adapted tokenizer from `kn.data.make_vectorizer`; it is saved in the
             `.keras` file and lets `generate` take and return text.
 
@@ -55,7 +55,7 @@ class NanoGPT(keras.Model):
     def __init__(self, vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim,
                  dropout=0.0, use_bias=False, tie_embeddings=True, activation="gelu",
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
-                 norm="layer", zero_init_residual=False, **kwargs):
+                 norm="layer", zero_init_residual=False, logit_softcap=None, **kwargs):
         arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
         vectorizer = tokenizers.check_vectorizer(vectorizer, arguments["vocabulary_size"])
         super().__init__(**kwargs)
@@ -158,7 +158,8 @@ class NanoGPT(keras.Model):
     def _logits(self, hidden):
         rows, as_tokens = as_rows(hidden)  # (batch * time, hidden_dim)
         logits = self.embedding.project_to_vocabulary(rows) if self.head is None else self.head(rows)
-        return ops.cast(as_tokens(logits), "float32")  # (batch, time, vocabulary), float32 in mixed precision
+        logits, cap = ops.cast(as_tokens(logits), "float32"), self.logit_softcap  # float32 in mixed precision
+        return logits if cap is None else cap * ops.tanh(logits / cap)  # (batch, time, vocabulary)
 
     def compile(self, optimizer=None, loss=None, metrics=None, jit_compile="auto", **kwargs):
         """Compile with nanoGPT-friendly defaults; every argument the caller passes wins.

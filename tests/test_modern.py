@@ -104,6 +104,33 @@ def test_modern_model_round_trips_with_muon_state_in_a_fresh_process(tmp_path, s
     assert lines["TEXT"] == repr(expected)
 
 
+def test_logit_softcap_bounds_every_path_and_round_trips(tmp_path, char_vectorizer):
+    """Capped logits in the full pass, the cached pass (prefill and one step), sampling and a `.keras` file."""
+    cap = 3.0
+    capped, plain = (make_sharp_modern(char_vectorizer, logit_softcap=softcap) for softcap in (cap, None))
+    ids = np.array([[5, 9, 2, 7, 11, 3]], "int32")
+    full, uncapped = to_numpy(capped(ids)), to_numpy(plain(ids))
+    assert np.abs(uncapped).max() > 2 * cap  # the sharp weights' logits would pass the cap
+    np.testing.assert_allclose(full, cap * np.tanh(uncapped / cap), rtol=1e-4, atol=1e-4)
+    cache = capped.empty_cache(1)
+    prefill, _, cache = capped.call_with_cache(ids[:, :5], cache, 0)
+    step, _, _ = capped.call_with_cache(ids[:, 5:], cache, 5)
+    np.testing.assert_allclose(np.concatenate([to_numpy(prefill), to_numpy(step)], axis=1), full,
+                               rtol=1e-4, atol=1e-4)
+    prompt = [5, 9, 2]
+    assert capped.generate([prompt], max_new_tokens=40, temperature=0)[0].tolist() == reference_greedy(
+        capped, prompt, 40)
+    scores = capped.score(ids[0])
+    expected = full[0, :-1] - np.log(np.exp(full[0, :-1]).sum(-1, keepdims=True))
+    np.testing.assert_allclose(scores.log_probs, expected[np.arange(5), ids[0, 1:]], rtol=1e-4, atol=1e-4)
+    path = str(tmp_path / "capped.keras")
+    capped.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.logit_softcap == cap and loaded.get_config()["logit_softcap"] == cap
+    np.testing.assert_allclose(to_numpy(loaded(ids)), full, rtol=1e-6, atol=1e-6)
+    assert plain.get_config()["logit_softcap"] is None
+
+
 def test_modern_recipe_learns_faster_than_the_gpt2_recipe(small_text, char_vectorizer):
     """The same small model, data and steps: the modern layout with Muon against GPT-2's with AdamW."""
     losses = {}
@@ -141,6 +168,8 @@ def test_gpt2_export_refuses_a_modern_model(tmp_path):
     with pytest.raises(ValueError, match="position_embedding='rotary'.*norm='rms'.*qk_norm=True"):
         kn.convert.to_huggingface_gpt2(model, tmp_path / "gpt2")
     assert not (tmp_path / "gpt2").exists()
+    with pytest.raises(ValueError, match="logit_softcap=15.0"):
+        kn.convert.to_huggingface_gpt2(kn.NanoGPT(50, 16, 1, 2, 16, logit_softcap=15.0), tmp_path / "gpt2")
 
 
 @pytest.mark.parametrize("kwargs, argument", [
@@ -149,6 +178,9 @@ def test_gpt2_export_refuses_a_modern_model(tmp_path):
     (dict(qk_norm="yes"), "qk_norm"),
     (dict(zero_init_residual=1), "zero_init_residual"),
     (dict(activation="relu2"), "activation"),
+    (dict(logit_softcap=0), "logit_softcap"),
+    (dict(logit_softcap=-15.0), "logit_softcap"),
+    (dict(logit_softcap="15"), "logit_softcap"),
 ])
 def test_bad_architecture_arguments(kwargs, argument):
     with pytest.raises((ValueError, TypeError), match=argument):

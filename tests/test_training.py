@@ -77,7 +77,7 @@ def test_recipes_name_their_architecture_optimizer_and_reference_run():
     from keras_nanogpt import cli
 
     recipes = kn.training.RECIPES
-    assert set(recipes) == {"modern", "nanogpt", "adam"}
+    assert set(recipes) == {"modern", "speedrun", "nanogpt", "adam"}
     commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
     recipe_choices = next(a.choices for a in commands["train"]._actions if a.dest == "recipe")
     assert set(recipe_choices) == set(recipes)  # --recipe offers the same table
@@ -96,3 +96,27 @@ def test_recipes_name_their_architecture_optimizer_and_reference_run():
     assert optimizer._learning_rate.warmup_steps == 100 and isinstance(optimizer, kn.training.MatrixDecayAdamW)
     with pytest.raises(ValueError, match="`recipe` must be one of"):
         kn.training.optimizer_for("fast", 10)
+
+
+def test_speedrun_recipe_fixes_its_architecture_optimizer_and_run():
+    speedrun = kn.training.RECIPES["speedrun"]
+    assert (speedrun.batch_size, speedrun.sequence_length, speedrun.steps) == (32, 64, 150)
+    model = speedrun.build(30)
+    assert (model.num_layers, model.hidden_dim, model.logit_softcap, model.position_embedding) == (2, 128, 15.0, "rotary")
+    optimizer = model.optimizer
+    assert isinstance(optimizer, kn.training.MatrixDecayMuon)
+    assert (optimizer.adam_beta_1, optimizer.adam_beta_2) == (0.8, 0.95)
+    schedule = optimizer._learning_rate
+    assert (schedule.total_steps, schedule.warmup_steps, schedule.peak) == (150, 10, 0.015)
+    assert optimizer.adam_lr_ratio == pytest.approx(0.04 / 0.015)
+    # A learning rate given is Muon's, AdamW's keeping its ratio; other settings reach muon_optimizer.
+    tuned = speedrun.optimizer(300, learning_rate=0.03, ns_steps=3, adam_beta_2=0.99)
+    assert tuned._learning_rate.peak == 0.03 and tuned.adam_lr_ratio == pytest.approx(0.04 / 0.015)
+    assert (tuned.ns_steps, tuned.adam_beta_2, tuned._learning_rate.warmup_steps) == (3, 0.99, 30)
+    given = speedrun.optimizer(learning_rate=0.01, adam_learning_rate=0.003)  # AdamW's rate given: kept
+    assert given._learning_rate.peak == 0.01 and given.adam_lr_ratio == pytest.approx(0.3)
+    modern = kn.training.RECIPES["modern"].optimizer(learning_rate=0.02)
+    assert modern._learning_rate.peak == 0.02 and modern.adam_lr_ratio == pytest.approx(0.3)
+    assert kn.training.optimizer_for("speedrun", 150)._learning_rate.warmup_steps == 10  # the reference run's
+    with pytest.raises(TypeError, match="beta_3"):
+        speedrun.optimizer(beta_3=0.5)
