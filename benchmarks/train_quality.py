@@ -85,9 +85,9 @@ def parse_args(argv=None):
 def check_recipes(args, kn):
     """Give each recipe its run (the reference run's batch and steps at the nano size, else --batch-size and
     --steps) and check its steps, before any work."""
+    reference = args.size == "nano"
     for spec, name, overrides in args.recipes:
         recipe = kn.training.RECIPES[name]
-        reference = args.size == "nano"
         overrides.setdefault("batch_size", recipe.batch_size if reference else args.batch_size)
         steps = overrides.setdefault("steps", recipe.steps if reference else args.steps)
         if not isinstance(steps, int) or not 0 < steps <= args.steps or steps % args.eval_every:
@@ -179,11 +179,11 @@ def run_seed(args, kn, text, seed):
         for side, recipe in sides.items():
             if step > recipe.steps or args.stop_at_target and curves[side][-1][2] <= args.target:
                 continue
-            start = time.perf_counter()
-            if step == args.eval_every:  # the first step apart: its seconds are the start-up
+            start, first = time.perf_counter(), step - args.eval_every
+            if first == 0:  # the first step apart: its seconds are the start-up
                 recipe.train(0, 1)
-                first_step[side] = round(time.perf_counter() - start, 2)
-            recipe.train(step - args.eval_every + (step == args.eval_every), step)
+                first_step[side], first = round(time.perf_counter() - start, 2), 1
+            recipe.train(first, step)
             seconds[side] += time.perf_counter() - start
             curves[side].append((step, round(seconds[side], 2), round(recipe.score(*scoring), 4)))
         print(f"seed {seed} step {step}: " + ", ".join(f"{side} {curve[-1][1:]}" for side, curve in curves.items()),

@@ -229,8 +229,8 @@ def _check_run(total_steps, warmup_steps, clipnorm, gradient_accumulation_steps)
 def _muon_recipe(**settings):
     """A recipe's `make_optimizer` for `muon_optimizer` with `settings` over its defaults; a learning rate
     given is Muon's, and AdamW's keeps its ratio to it unless given too."""
-    defaults = {name: parameter.default for name, parameter in inspect.signature(muon_optimizer).parameters.items()}
-    muon, adam = ({**defaults, **settings}[name] for name in ("learning_rate", "adam_learning_rate"))
+    defaults = inspect.signature(muon_optimizer).parameters
+    muon, adam = (settings.get(name, defaults[name].default) for name in ("learning_rate", "adam_learning_rate"))
 
     def make_optimizer(total_steps, learning_rate, warmup_steps, **overrides):
         scaled = {} if learning_rate is None else dict(learning_rate=learning_rate,
