@@ -1,7 +1,6 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
-__version__ = "0.1.0"  # before the modules, which save it (saving.py)
-
+from keras_nanogpt._version import __version__
 from keras_nanogpt import (adapters, backends, backup, callbacks, convert, data, distribute, export, generation,
                            saving, scoring, tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
@@ -11,6 +10,7 @@ from keras_nanogpt.scoring import score
 backends.keep_heap_padding()  # JAX: malloc keeps its heaps' tops, or XLA's steps page-fault (see there)
 
 __all__ = [
+    "__version__",
     "CONFIGS",
     "CausalSelfAttention",
     "NanoGPT",

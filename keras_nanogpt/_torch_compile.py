@@ -41,7 +41,7 @@ import torch
 from keras import ops
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from keras_nanogpt import _files, _torch_tracing
+from keras_nanogpt import _files, _torch_tracing, _version
 
 ENVIRONMENT_VARIABLE = "KERAS_NANOGPT_TORCH_COMPILE"
 MODES = ("auto", "always", "trace", "never")
@@ -239,11 +239,9 @@ class Decoder:
 
     def _digest(self, signature):
         """A name for the step that is the same in another process for the same computation."""
-        import keras_nanogpt
-
         config = {k: v for k, v in self.model.get_config().items() if k not in ("name", "vectorizer")}
         (function, temperature), shapes = signature
-        text = repr((torch.__version__, keras.__version__, keras_nanogpt.__version__,
+        text = repr((torch.__version__, keras.__version__, _version.__version__,
                      json.dumps(config, sort_keys=True, default=str), function.__module__,
                      function.__qualname__, temperature, [(s, str(d), t) for s, d, t in shapes]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -5,6 +5,8 @@ import warnings
 
 import numpy as np
 
+from keras_nanogpt._version import REMOVED_IN
+
 
 def check_int(name, value, minimum=1, maximum=None, limit=None):
     """Return `value` as an int, or raise naming `name` when it is not an integer in [`minimum`, `maximum`].
@@ -96,6 +98,6 @@ def moved(module, name, names):
     if name not in names:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     new = names[name]
-    warnings.warn(f"{module}.{name} moved to {new.__module__}.{new.__name__}; the old name will be removed.",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(f"{module}.{name} moved to {new.__module__}.{new.__name__}; the old name will be removed "
+                  f"in keras_nanogpt {REMOVED_IN}.", DeprecationWarning, stacklevel=3)
     return new

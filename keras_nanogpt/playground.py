@@ -1,8 +1,9 @@
-"""Moved: `keras_nanogpt.playground` is now `keras_nanogpt.serve.page`; this name warns and still works."""
+"""Moved: `keras_nanogpt.playground` is now `keras_nanogpt.serve.page`; this name warns, and works until 0.3.0."""
 
 import warnings
 
+from keras_nanogpt._version import REMOVED_IN
 from keras_nanogpt.serve.page import *  # noqa: F401,F403
 
-warnings.warn("keras_nanogpt.playground moved to keras_nanogpt.serve.page; import it from there.",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(f"keras_nanogpt.playground moved to keras_nanogpt.serve.page; import it from there "
+              f"(the old name goes in keras_nanogpt {REMOVED_IN}).", DeprecationWarning, stacklevel=2)

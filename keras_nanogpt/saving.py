@@ -18,7 +18,8 @@ import zlib
 
 import keras
 
-from keras_nanogpt import __version__, _files, backends, tokenizers
+from keras_nanogpt import _files, backends, tokenizers
+from keras_nanogpt._version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
