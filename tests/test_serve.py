@@ -249,6 +249,9 @@ BAD = [  # (body, status, param, a fragment of the message)
     ({"prompt": "x" * 17}, 400, "prompt", "17 tokens long"),
     ({"prompt": ["ok", ""]}, 400, "prompt", "prompt[1]` holds no tokens"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
+    (b'{"prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}", 400, None, "nests its JSON too deeply"),
+    (b'{"prompt": "a", "stop": "\\ud800"}', 400, "stop", "not valid Unicode"),
+    (b'{"prompt": "a\\udfff"}', 400, "prompt", "not valid Unicode"),
 ]
 
 

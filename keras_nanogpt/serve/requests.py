@@ -73,6 +73,8 @@ def parse_json(body):
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"The request body is not valid JSON: {error}.") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise APIError(400, "The request body nests its JSON too deeply for this server.") from None
     if not isinstance(payload, dict):
         raise APIError(400, f"The request body must be a JSON object; got {type(payload).__name__}.")
     return payload
@@ -157,8 +159,10 @@ def _field(payload, name, default, check, *args, **kwargs):
 
 def _prompts(prompt):
     if isinstance(prompt, str):
-        return [prompt]
+        prompt = [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        for text in prompt:
+            _check_unicode(text, "prompt")
         return prompt
     if prompt is None:
         raise APIError(400, "`prompt` is required: a string or a list of strings.", param="prompt")
@@ -183,4 +187,15 @@ def _stops(stop):
             or not all(isinstance(s, str) and s for s in stops)):
         raise APIError(400, f"`stop` must be a non-empty string or a list of 1 to {_STOP_STRINGS} of them; "
                             f"got {json.dumps(stop)[:80]}.", param="stop")
+    for text in stops:
+        _check_unicode(text, "stop")
     return tuple(stops)
+
+
+def _check_unicode(text, name):
+    """400 for a string that is not valid Unicode text (JSON lets a lone surrogate such as \\ud800 through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"`{name}` holds a character that is not valid Unicode text "
+                            f"({text[error.start]!r} at {error.start}).", param=name) from None
