@@ -1,16 +1,19 @@
-"""Training recipes: `RECIPES` names each one's architecture, optimizer, schedule and reference run.
+"""How to train: `RECIPES` names each recipe's architecture, optimizer, schedule and reference run, and
+`train(TrainingJob(...))` runs a whole training job (the `keras-nanogpt train` command) from Python.
 
 The optimizers and their schedule live in `keras_nanogpt.optimizers`; their names are here too
 (`kn.training.nanogpt_optimizer`, `kn.training.muon_optimizer`, ...)."""
 
 import dataclasses
 import inspect
+import math
+import os
 import typing
 
 import keras
 
-from keras_nanogpt import _validation, configs
-from keras_nanogpt.model import NanoGPT
+from keras_nanogpt import _validation, backends, backup, callbacks, configs, convert, data, distribute
+from keras_nanogpt.model import NanoGPT, load_model
 from keras_nanogpt.optimizers import (  # noqa: F401 (kn.training's names)
     DECAY_SHAPES, MatrixDecayAdamW, MatrixDecayMuon, WarmupDecay, muon_optimizer, nanogpt_optimizer)
 
@@ -156,3 +159,242 @@ def optimizer_for(recipe, total_steps, learning_rate=None, warmup_steps=None):
     total_steps = _validation.check_int("total_steps", total_steps)
     return RECIPES[recipe].optimizer(total_steps, learning_rate, warmup_steps)
 
+
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+    """A whole training run, as `keras-nanogpt train` runs it: each field is the flag of the same name
+    (`hidden_dim` is `--hidden-dim`), with the same default. Checked when made; run it with `train(job)`.
+
+    Args:
+        text: what to train on: a known corpus name ("pride_and_prejudice", "tinyshakespeare") or a
+            text file's path (`kn.data.load_text`).
+        out: the `.keras` file written when training completes.
+        level: the tokenizer's level, one of `kn.data.LEVELS` (None: "char").
+        config: a size of `kn.CONFIGS` (None: "nano").
+        layers, heads, hidden_dim, sequence_length, dropout: overrides of the size (None: its own).
+            With `init`, `sequence_length` may shorten the windows to at most the model's context.
+        batch_size: windows per step.
+        steps: optimizer steps in all, rounded up to a multiple of `checkpoint_every` (None: 2000, unless
+            `epochs` is given).
+        epochs: passes over the training windows instead of `steps`.
+        learning_rate: the peak learning rate (None: the recipe's; "modern" and "speedrun": Muon's).
+        recipe: one of `RECIPES`: the architecture (for a new model) and the optimizer with its schedule.
+        validation_split: the share of the text at its end held out for validation, in [0, 1).
+        mixed_precision: train in "mixed_bfloat16" (sets Keras's global dtype policy).
+        strategy: one of `kn.distribute.STRATEGIES` (see `kn.distribute.scope`).
+        seed: seeds Keras's random generators and the order of the training windows.
+        checkpoint_dir: back up there every `checkpoint_every` steps and on SIGTERM/SIGINT (then exit with
+            143/130), and resume from the newest backup there (`kn.backup.PreemptibleBackup`).
+        checkpoint_every: steps between backups, and between progress reports (Keras's "epochs").
+        tensorboard: a log directory for TensorBoard scalars and text samples.
+        compilation_cache: JAX only: keep the compiled steps in this folder (`kn.backends.cache_compilations`).
+        plot: a PNG of the train and validation loss (`kn.callbacks.LossPlotCallback`).
+        prompt: print a sample from this prompt after every report.
+        peak_flops: the hardware's peak FLOP/s, to report the model FLOPs utilisation.
+        verbose: `fit`'s verbosity: 0, 1 or 2.
+        init: fine-tune this model (a `.keras` file or a Hugging Face GPT-2 folder) instead of training a
+            new one; it brings its architecture and tokenizer.
+        lora_rank: with `init`: train rank-`lora_rank` LoRA adapters only (`NanoGPT.enable_lora`).
+
+    Example:
+        >>> job = TrainingJob(text="tinyshakespeare", out="shakespeare.keras", steps=200)
+        >>> result = train(job)  # doctest: +SKIP
+    """
+
+    text: str
+    out: str
+    level: typing.Optional[str] = None
+    config: typing.Optional[str] = None
+    layers: typing.Optional[int] = None
+    heads: typing.Optional[int] = None
+    hidden_dim: typing.Optional[int] = None
+    sequence_length: typing.Optional[int] = None
+    dropout: typing.Optional[float] = None
+    batch_size: int = 32
+    steps: typing.Optional[int] = None
+    epochs: typing.Optional[int] = None
+    learning_rate: typing.Optional[float] = None
+    recipe: str = "modern"
+    validation_split: float = 0.1
+    mixed_precision: bool = False
+    strategy: str = "none"
+    seed: int = 1337
+    checkpoint_dir: typing.Optional[str] = None
+    checkpoint_every: int = 100
+    tensorboard: typing.Optional[str] = None
+    compilation_cache: typing.Optional[str] = None
+    plot: typing.Optional[str] = None
+    prompt: typing.Optional[str] = None
+    peak_flops: typing.Optional[float] = None
+    verbose: int = 1
+    init: typing.Optional[str] = None
+    lora_rank: typing.Optional[int] = None
+
+    def __post_init__(self):
+        """Every field that can be checked before reading the text or building the model."""
+        check = _validation
+        for name in ("batch_size", "steps", "epochs", "checkpoint_every", "layers", "heads", "hidden_dim",
+                     "sequence_length", "lora_rank"):
+            if getattr(self, name) is not None:
+                check.check_int(name, getattr(self, name))
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"Give `steps` or `epochs`, not both; got steps={self.steps}, epochs={self.epochs}.")
+        if self.config is not None:
+            check.check_choice("config", self.config, tuple(configs.CONFIGS))
+        if self.lora_rank is not None and not self.init:
+            raise ValueError("`lora_rank` fine-tunes an existing model: give `init` (a .keras file or a GPT-2 folder).")
+        if self.init:
+            given = [f"`{name}`" for name in ("config", "level", "layers", "heads", "hidden_dim", "mixed_precision")
+                     if getattr(self, name) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} cannot be combined with `init`: the model brings its "
+                                 "architecture, tokenizer and dtype.")
+        if self.level is not None:
+            check.check_choice("level", self.level, data.LEVELS)
+        check.check_choice("recipe", self.recipe, RECIPES)
+        check.check_choice("strategy", self.strategy, distribute.STRATEGIES + ("multi-worker-mirrored",))
+        if self.compilation_cache and backends.name() != "jax":
+            raise ValueError(f"`compilation_cache` is for the JAX backend; this run uses {backends.name()} "
+                             f"(set KERAS_BACKEND=jax).")
+        if self.learning_rate is not None:
+            check.check_float("learning_rate", self.learning_rate, 0.0, math.inf, low_inclusive=False)
+        check.check_float("validation_split", self.validation_split, 0.0, 1.0, high_inclusive=False)
+        if self.dropout is not None:
+            check.check_float("dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+        check.check_flag("mixed_precision", self.mixed_precision)
+        check.check_choice("verbose", self.verbose, (0, 1, 2))
+        if not os.fspath(self.out).endswith(".keras"):
+            raise ValueError(f"`out` must end in .keras; got {self.out!r}.")
+
+    @property
+    def total_steps(self):
+        """The optimizer steps of a `steps` run (rounded up to `checkpoint_every`); None for an `epochs` run."""
+        if self.epochs is not None:
+            return None
+        steps = 2000 if self.steps is None else self.steps
+        return math.ceil(steps / self.checkpoint_every) * self.checkpoint_every
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    """What `train` did: the trained `model` (also saved at `out`), its `history`, the optimizer `steps` of
+    the whole run and the step it `resumed` from (0: a fresh start)."""
+
+    model: NanoGPT
+    history: keras.callbacks.History
+    out: str
+    steps: int
+    resumed: int
+
+
+def train(job, log=print):
+    """Run a `TrainingJob`: read the text, build (or load) the model, fit it and save it to `job.out`.
+
+    The same run as `keras-nanogpt train` with the job's flags. It sets Keras's random seed (and with
+    `mixed_precision` its global dtype policy). With `checkpoint_dir`, SIGTERM and SIGINT back up the step
+    they end on and exit with status 143 or 130 (`SystemExit`); the same job resumes there.
+
+    Args:
+        job: a `TrainingJob`.
+        log: called with each line of news while the job runs ("resuming from step N", the weights a
+            fine-tuning trains); None: silent.
+
+    Returns:
+        A `TrainingResult`: the model, its history, `out`, the steps of the run and the step resumed from.
+
+    Example:
+        >>> job = TrainingJob(text="tinyshakespeare", out="tiny.keras", layers=1, heads=2, hidden_dim=16,
+        ...                   sequence_length=16, steps=20, checkpoint_every=10, verbose=0)
+        >>> train(job).model.generate("ROMEO:", max_new_tokens=20)  # doctest: +SKIP
+    """
+    if not isinstance(job, TrainingJob):
+        raise TypeError(f"`job` must be a kn.training.TrainingJob; got {type(job).__name__}.")
+    log = log or (lambda line: None)
+    if job.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    if job.compilation_cache:
+        backends.cache_compilations(job.compilation_cache)
+    keras.utils.set_random_seed(job.seed)
+    strategy = distribute.scope(job.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
+    text = data.load_text(job.text)
+    recipe = RECIPES[job.recipe]
+    with strategy:
+        model = _initial_model(job, log) if job.init else _new_model(job, text, recipe)
+        sequence_length = job.sequence_length or model.sequence_length
+        train_ds, val_ds = _datasets(job, text, model.vectorizer, sequence_length)
+        if job.epochs is not None:
+            steps_per_epoch = int(train_ds.cardinality())
+            total_steps = job.epochs * steps_per_epoch
+        else:
+            steps_per_epoch, total_steps = job.checkpoint_every, job.total_steps
+        model.compile(optimizer=recipe.optimizer(total_steps, job.learning_rate))
+        fit_callbacks = [callbacks.ThroughputCallback(job.batch_size * sequence_length, job.peak_flops)]
+        backups, resumed = None, 0
+        if job.checkpoint_dir:
+            # Every `checkpoint_every` steps and on SIGTERM/SIGINT (then at that step, exiting 143/130).
+            backups = backup.PreemptibleBackup(job.checkpoint_dir, save_every=job.checkpoint_every)
+            resumed = backups.restore(model)
+            if resumed:
+                log(f"resuming from step {resumed}")
+        if job.tensorboard:
+            fit_callbacks.append(keras.callbacks.TensorBoard(job.tensorboard))
+        if job.prompt or job.tensorboard:
+            fit_callbacks.append(callbacks.TextGenerationCallback(
+                job.prompt or text[:20], max_new_tokens=200, log_dir=job.tensorboard, temperature=0.8,
+                top_k=40, seed=job.seed))
+        if job.plot:
+            fit_callbacks.append(callbacks.LossPlotCallback(job.plot))
+        if backups is not None:
+            fit_callbacks.append(backups)  # last: on a signal it stops after the other callbacks saw the step
+        # The same batches as a run never stopped: the random windows continue after the `resumed` trained.
+        history = model.fit(train_ds.repeat().skip(resumed), steps_per_epoch=steps_per_epoch,
+                            epochs=total_steps // steps_per_epoch, validation_data=val_ds,
+                            callbacks=fit_callbacks, verbose=job.verbose)
+    model.save(job.out)
+    if backups is not None:
+        backups.delete()  # only now: a failed save leaves the backup of the final step
+    return TrainingResult(model, history, job.out, total_steps, resumed)
+
+
+def _new_model(job, text, recipe):
+    """A new `NanoGPT` of the job's size and the recipe's architecture, with a tokenizer learned from `text`."""
+    vectorizer = data.make_vectorizer(text, level=job.level or "char")
+    overrides = {key: value for key, value in (
+        ("num_layers", job.layers), ("num_heads", job.heads), ("hidden_dim", job.hidden_dim),
+        ("sequence_length", job.sequence_length), ("dropout", job.dropout)) if value is not None}
+    return NanoGPT.from_config_name(job.config or "nano", vectorizer=vectorizer,
+                                    vocabulary_size=vectorizer.vocabulary_size(),
+                                    **{**recipe.architecture, **overrides})
+
+
+def _initial_model(job, log):
+    """The model `job.init` names, with `job.lora_rank` adapters enabled; checked before training starts."""
+    path = os.fspath(job.init)
+    if os.path.isdir(path):
+        model = convert.from_huggingface_gpt2(path, dropout=job.dropout)
+    elif path.endswith(".keras"):
+        if job.dropout is not None:
+            raise ValueError("`dropout` cannot change a saved .keras model; it applies to a GPT-2 folder.")
+        model = load_model(path)
+    else:
+        raise ValueError(f"`init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
+    if model.vectorizer is None:
+        raise ValueError(f"`init` {path!r} has no tokenizer, so it cannot read `text`; save the model with "
+                         "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
+    if job.sequence_length is not None and job.sequence_length > model.sequence_length:
+        raise ValueError(f"`sequence_length` must be at most the model's context ({model.sequence_length}) "
+                         f"with `init`; got {job.sequence_length}.")
+    if job.lora_rank is not None:
+        model.enable_lora(job.lora_rank)
+    trainable = sum(math.prod(v.shape) for v in model.trainable_variables)
+    total = sum(math.prod(v.shape) for v in model.weights)
+    log(f"fine-tuning {path}: {trainable:,} of {total:,} weights trainable"
+        + (f" (LoRA rank {job.lora_rank})" if job.lora_rank is not None else ""))
+    return model
+
+
+def _datasets(job, text, vectorizer, sequence_length):
+    """The job's `(train, validation)` tf.data windows of `(ids, next ids)`: the one place that turns the
+    job's source into batches (another source, such as token shards, slots in here)."""
+    return data.make_datasets(text, vectorizer, sequence_length, job.batch_size,
+                              validation_split=job.validation_split, sampling="random", seed=job.seed)
