@@ -160,10 +160,11 @@ def optimizer_for(recipe, total_steps, learning_rate=None, warmup_steps=None):
     return RECIPES[recipe].optimizer(total_steps, learning_rate, warmup_steps)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainingJob:
     """A whole training run, as `keras-nanogpt train` runs it: each field is the flag of the same name
-    (`hidden_dim` is `--hidden-dim`), with the same default. Checked when made; run it with `train(job)`.
+    (`hidden_dim` is `--hidden-dim`), with the same default; all keyword arguments. Checked when made
+    (`dataclasses.replace(job, steps=...)` makes a checked variant); run it with `train(job)`.
 
     Args:
         text: what to train on: a known corpus name ("pride_and_prejudice", "tinyshakespeare") or a
