@@ -12,14 +12,22 @@
 Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback), warnings
 one line `warning: ...`. SIGTERM or SIGINT during `train --checkpoint-dir` backs up the step it ends on and
 exits with 143 or 130 (128 + the signal number); the same command resumes there.
+
+`train` is `kn.training.train(kn.training.TrainingJob(...))`, its flags the job's fields; `evaluate` is
+`kn.scoring.evaluate_text`. This module parses and prints; the package does the work.
 """
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import json
-import math
 import os
+import re
 import sys
 import warnings
+
+import keras_nanogpt as kn
 
 # `bench`'s script: in a source checkout, beside the package; an installed package has no benchmarks/.
 BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
@@ -42,45 +50,49 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a model on a text and save it")
+    # `train`'s flags are the fields of kn.training.TrainingJob, with its defaults.
+    recipes = kn.training.RECIPES
+    train = commands.add_parser("train", help="train a model on a text and save it (kn.training.train)")
     train.add_argument("--text", required=True, help="corpus name (pride_and_prejudice, tinyshakespeare) or path")
-    train.add_argument("--level", help="tokens: char (the default), word, bpe, ... (kn.data.LEVELS)")
-    train.add_argument("--config", help="named size: nano (the default), baby or gpt2")
+    train.add_argument("--level", help=f"tokens: {', '.join(kn.data.LEVELS)} (default: char)")
+    train.add_argument("--config", help=f"named size: {', '.join(kn.CONFIGS)} (default: nano)")
     train.add_argument("--layers", type=int)
     train.add_argument("--heads", type=int)
     train.add_argument("--hidden-dim", type=int)
     train.add_argument("--sequence-length", type=int)
     train.add_argument("--dropout", type=float)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int)
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps in all (rounded up to --checkpoint-every)")
+    length.add_argument("--steps", type=int, help="optimizer steps in all (default 2000; rounded up to "
+                                                  "--checkpoint-every)")
     length.add_argument("--epochs", type=int, help="passes over the training windows")
     train.add_argument("--learning-rate", type=float,
                        help="peak learning rate (default: the recipe's; modern: Muon's)")
-    train.add_argument("--recipe", default="modern", choices=("modern", "speedrun", "nanogpt", "adam"),
-                       help="modern: rotary, QK-norm, RMSNorm, ReLU², Muon (the default); speedrun: the modern "
-                            "layout in 2 blocks, capped logits, tuned Muon/AdamW (nanoGPT's loss soonest); "
-                            "nanogpt: GPT-2's layout, AdamW, warmup + cosine, clipping; adam: plain Adam")
-    train.add_argument("--validation-split", type=float, default=0.1)
+    train.add_argument("--recipe", choices=tuple(recipes), help="; ".join(
+        f"{name}: {recipe.description}" for name, recipe in recipes.items())
+        + f" (default: {kn.training.TrainingJob.recipe})")
+    train.add_argument("--validation-split", type=float)
     train.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16")
-    train.add_argument("--strategy", default="none",
-                       help="none, mirrored, tpu, data-parallel, model-parallel or multi-host")
-    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--strategy", help="none (the default), mirrored, tpu, data-parallel, model-parallel or "
+                                          "multi-host")
+    train.add_argument("--seed", type=int)
     train.add_argument("--out", required=True, help="the .keras file to write when training completes")
     train.add_argument("--checkpoint-dir",
                        help="back up here (also on SIGTERM/SIGINT) and resume from it after a crash")
-    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between backups / reports")
+    train.add_argument("--checkpoint-every", type=int, help="steps between backups / reports")
     train.add_argument("--tensorboard", help="log directory for TensorBoard scalars and samples")
     train.add_argument("--compilation-cache", help="JAX: keep compiled steps in this folder; a later run "
                        "of the same shapes starts without compiling")
     train.add_argument("--plot", help="PNG of train and validation loss")
     train.add_argument("--prompt", help="print a sample from this prompt after every report")
     train.add_argument("--peak-flops", type=float, help="hardware peak FLOP/s, for MFU")
-    train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    train.add_argument("--verbose", type=int, choices=(0, 1, 2))
     train.add_argument("--init", help="fine-tune this model (a .keras file or a Hugging Face GPT-2 folder) "
                                       "instead of training a new one; it brings its architecture and tokenizer")
     train.add_argument("--lora-rank", type=int, help="with --init: train rank-R LoRA adapters only "
                                                      "(kn.NanoGPT.enable_lora), saved in --out")
+    train.set_defaults(**{field.name: field.default for field in dataclasses.fields(kn.training.TrainingJob)
+                          if field.default is not dataclasses.MISSING})
 
     generate = commands.add_parser("generate", help="continue a prompt with a saved model")
     generate.add_argument("model")
@@ -103,8 +115,7 @@ def build_parser():
     export = commands.add_parser("export", help="write a serving artefact: SavedModel, preset, ONNX or LiteRT")
     export.add_argument("model")
     export.add_argument("directory")
-    export.add_argument("--format", default="tf_saved_model",
-                        choices=("tf_saved_model", "preset", "onnx", "litert"),
+    export.add_argument("--format", default="tf_saved_model", choices=kn.export.FORMATS,
                         help="onnx/litert: prefill and decode graphs and vocabulary.json, for "
                              "examples/onnx_generate.py and examples/litert_generate.py")
     export.add_argument("--quantize", choices=("int8",), help="litert: int8 weights")
@@ -112,7 +123,8 @@ def build_parser():
     quantize = commands.add_parser("quantize", help="write a quantized copy of a saved model (for generate, serve)")
     quantize.add_argument("model")
     quantize.add_argument("out", help="the quantized .keras file (weights and config; no optimizer state)")
-    quantize.add_argument("--mode", default="int8", help="int8 (default), int4 or float8")
+    quantize.add_argument("--mode", default="int8", choices=kn.adapters.QUANTIZATION_MODES,
+                          help="int8 (the default), int4 or float8")
 
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py: needs a source checkout)",
                         add_help=False)
@@ -172,143 +184,29 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def train(args):
-    import keras
-
-    import keras_nanogpt as kn
-
-    _check_train_arguments(args)
-    if args.mixed_precision:
-        keras.config.set_dtype_policy("mixed_bfloat16")
-    if args.compilation_cache:
-        kn.backends.cache_compilations(args.compilation_cache)
-    keras.utils.set_random_seed(args.seed)
-    strategy = kn.distribute.scope(args.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
-    text = kn.data.load_text(args.text)
-    every = args.checkpoint_every
-    recipe = kn.training.RECIPES[args.recipe]
-    with strategy:
-        if args.init:
-            model, sequence_length = _initial_model(args), args.sequence_length
-        else:
-            vectorizer = kn.data.make_vectorizer(text, level=args.level or "char")
-            overrides = {key: value for key, value in (
-                ("num_layers", args.layers), ("num_heads", args.heads), ("hidden_dim", args.hidden_dim),
-                ("sequence_length", args.sequence_length), ("dropout", args.dropout)) if value is not None}
-            model = kn.NanoGPT.from_config_name(args.config or "nano", vectorizer=vectorizer,
-                                                vocabulary_size=vectorizer.vocabulary_size(),
-                                                **{**recipe.architecture, **overrides})
-            sequence_length = None
-        sequence_length = sequence_length or model.sequence_length
-        train_ds, val_ds = kn.data.make_datasets(
-            text, model.vectorizer, sequence_length, args.batch_size, validation_split=args.validation_split,
-            sampling="random", seed=args.seed)
-        if args.epochs is not None:
-            steps_per_epoch = int(train_ds.cardinality())
-            total_steps = args.epochs * steps_per_epoch
-        else:
-            steps_per_epoch = every
-            total_steps = math.ceil(args.steps / every) * every
-        model.compile(optimizer=kn.training.optimizer_for(recipe.name, total_steps, args.learning_rate))
-        callbacks = [kn.callbacks.ThroughputCallback(args.batch_size * sequence_length, args.peak_flops)]
-        backup, resumed = None, 0
-        if args.checkpoint_dir:
-            # Every --checkpoint-every steps and on SIGTERM/SIGINT (then at that step, exiting 143/130).
-            backup = kn.backup.PreemptibleBackup(args.checkpoint_dir, save_every=every)
-            resumed = backup.restore(model)
-            if resumed:
-                print(f"resuming from step {resumed}", flush=True)
-        if args.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(args.tensorboard))
-        if args.prompt or args.tensorboard:
-            callbacks.append(kn.callbacks.TextGenerationCallback(
-                args.prompt or text[:20], max_new_tokens=200, log_dir=args.tensorboard, temperature=0.8,
-                top_k=40, seed=args.seed))
-        if args.plot:
-            callbacks.append(kn.callbacks.LossPlotCallback(args.plot))
-        if backup is not None:
-            callbacks.append(backup)  # last: on a signal it stops after the other callbacks saw the step
-        # The same batches as a run never stopped: the random windows continue after the `resumed` trained.
-        model.fit(train_ds.repeat().skip(resumed), steps_per_epoch=steps_per_epoch,
-                  epochs=total_steps // steps_per_epoch, validation_data=val_ds, callbacks=callbacks,
-                  verbose=args.verbose)
-    model.save(args.out)
-    if backup is not None:
-        backup.delete()  # only now: a failed save leaves the backup of the final step
-    print(f"saved {args.out} after {total_steps} steps", flush=True)
+    job_fields = [field.name for field in dataclasses.fields(kn.training.TrainingJob)]
+    with _named_as_flags(job_fields):
+        job = kn.training.TrainingJob(**{name: getattr(args, name) for name in job_fields})
+        result = kn.training.train(job, log=functools.partial(print, flush=True))
+    print(f"saved {result.out} after {result.steps} steps", flush=True)
     return 0
 
 
-def _initial_model(args):
-    """The model `--init` names, with `--lora-rank` adapters enabled; checked before training starts."""
-    import keras_nanogpt as kn
-
-    path = args.init
-    if os.path.isdir(path):
-        model = kn.convert.from_huggingface_gpt2(path, dropout=args.dropout)
-    elif path.endswith(".keras"):
-        if args.dropout is not None:
-            raise ValueError("`--dropout` cannot change a saved .keras model; it applies to a GPT-2 folder.")
-        model = kn.load_model(path)
-    else:
-        raise ValueError(f"`--init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
-    if model.vectorizer is None:
-        raise ValueError(f"`--init` {path!r} has no tokenizer, so it cannot read --text; save the model with "
-                         "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
-    if args.sequence_length is not None and args.sequence_length > model.sequence_length:
-        raise ValueError(f"`--sequence-length` must be at most the model's context ({model.sequence_length}) "
-                         f"with --init; got {args.sequence_length}.")
-    if args.lora_rank is not None:
-        model.enable_lora(args.lora_rank)
-    trainable = sum(math.prod(v.shape) for v in model.trainable_variables)
-    total = sum(math.prod(v.shape) for v in model.weights)
-    print(f"fine-tuning {path}: {trainable:,} of {total:,} weights trainable"
-          + (f" (LoRA rank {args.lora_rank})" if args.lora_rank is not None else ""), flush=True)
-    return model
-
-
-def _check_train_arguments(args):
-    """Every `train` option that can be checked before reading the text or building the model."""
-    import keras_nanogpt as kn
-
-    check = kn._validation
-    if args.steps is None and args.epochs is None:
-        args.steps = 2000
-    for name in ("steps", "epochs", "checkpoint_every", "batch_size", "layers", "heads", "hidden_dim",
-                 "sequence_length"):
-        if getattr(args, name) is not None:
-            check.check_int("--" + name.replace("_", "-"), getattr(args, name))
-    if args.config is not None:
-        check.check_choice("--config", args.config, tuple(kn.CONFIGS))
-    if args.lora_rank is not None:
-        check.check_int("--lora-rank", args.lora_rank)
-        if not args.init:
-            raise ValueError("`--lora-rank` fine-tunes an existing model: give --init MODEL.keras or a GPT-2 folder.")
-    if args.init:
-        given = [flag for flag, value in (("--config", args.config), ("--level", args.level),
-                                          ("--layers", args.layers), ("--heads", args.heads),
-                                          ("--hidden-dim", args.hidden_dim),
-                                          ("--mixed-precision", args.mixed_precision or None)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with `--init`: the model brings its "
-                             "architecture, tokenizer and dtype.")
-    if args.level is not None:
-        check.check_choice("--level", args.level, kn.data.LEVELS)
-    check.check_choice("--strategy", args.strategy, kn.distribute.STRATEGIES + ("multi-worker-mirrored",))
-    if args.compilation_cache and kn.backends.name() != "jax":
-        raise ValueError(f"`--compilation-cache` is for the JAX backend; this run uses {kn.backends.name()} "
-                         f"(set KERAS_BACKEND=jax).")
-    if args.learning_rate is not None:
-        check.check_float("--learning-rate", args.learning_rate, 0.0, math.inf, low_inclusive=False)
-    check.check_float("--validation-split", args.validation_split, 0.0, 1.0, high_inclusive=False)
-    if args.dropout is not None:
-        check.check_float("--dropout", args.dropout, 0.0, 1.0, high_inclusive=False)
-    if not args.out.endswith(".keras"):
-        raise ValueError(f"`--out` must end in .keras; got {args.out!r}.")
+@contextlib.contextmanager
+def _named_as_flags(names):
+    """Show a `ValueError`/`TypeError` that names an argument in `names` (`hidden_dim`) with its flag
+    (`--hidden-dim`), as the user typed it."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (re.sub(r"`([a-z_]+)`", lambda match: (f"`--{match[1].replace('_', '-')}`"
+                                                               if match[1] in names else match[0]),
+                                 error.args[0]),)
+        raise
 
 
 def generate(args):
-    import keras_nanogpt as kn
-
     model = kn.load_model(args.model)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -324,35 +222,23 @@ def generate(args):
 
 
 def evaluate(args):
-    import numpy as np
-
-    import keras_nanogpt as kn
-
-    kn._validation.check_float("--validation-split", args.validation_split, 0.0, 1.0, low_inclusive=False)
+    if not 0.0 < args.validation_split < 1.0:  # before loading anything (kn.scoring.evaluate_text checks it too)
+        raise ValueError(f"`--validation-split` must be in (0.0, 1.0); got {args.validation_split}.")
     model = kn.load_model(args.model)
     if model.vectorizer is None:
         raise ValueError(f"{args.model!r} has no vectorizer, so it cannot read text.")
-    text = kn.data.load_text(args.text)
-    _, val = kn.data.make_datasets(text, model.vectorizer, model.sequence_length, args.batch_size,
-                                   validation_split=args.validation_split)
-    if not model.compiled:
-        model.compile()
-    results = model.evaluate(val, verbose=0, return_dict=True)
-    loss = float(results["loss"])
-    targets = np.concatenate([y.reshape(-1) for _, y in val.as_numpy_iterator()])  # every scored token
-    context = np.concatenate([x[:1, 0] for x, _ in val.take(1).as_numpy_iterator()])  # the one before them
-    characters = kn.scoring.count_characters(model.vectorizer, np.concatenate([context, targets]))
-    bits = kn.scoring.bits_per_character(loss * len(targets), characters)
-    print(json.dumps({"validation_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+    with _named_as_flags(("validation_split", "batch_size")):
+        report = kn.scoring.evaluate_text(model, kn.data.load_text(args.text), args.validation_split,
+                                          args.batch_size)
+    bits = report["bits_per_character"]
+    print(json.dumps({"validation_loss": round(report["validation_loss"], 4),
+                      "perplexity": round(report["perplexity"], 3),
                       "bits_per_character": None if bits is None else round(bits, 4),
-                      "accuracy": round(float(results.get("accuracy", math.nan)), 4)}))
+                      "accuracy": round(report["accuracy"], 4)}))
     return 0
 
 
 def export(args):
-    import keras_nanogpt as kn
-
-    kn._validation.check_choice("--format", args.format, kn.export.FORMATS)
     kn.export.check_backend(args.format)  # before loading the model
     model = kn.load_model(args.model)
     kn.export.export(model, args.directory, format=args.format, quantize=args.quantize)
@@ -365,9 +251,6 @@ def export(args):
 
 
 def quantize(args):
-    import keras_nanogpt as kn
-
-    kn._validation.check_choice("--mode", args.mode, kn.adapters.QUANTIZATION_MODES)
     if not args.out.endswith(".keras"):
         raise ValueError(f"`out` must be a .keras file; got {args.out!r}.")
     if os.path.abspath(args.out) == os.path.abspath(args.model):

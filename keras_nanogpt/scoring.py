@@ -15,7 +15,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _validation, compiling, tokenizers
+from keras_nanogpt import _validation, compiling, data, tokenizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,41 @@ def bits_per_character(total_nll, num_characters):
     if not num_characters:
         return None
     return total_nll / math.log(2) / num_characters
+
+
+def evaluate_text(model, text, validation_split=0.1, batch_size=32):
+    """The model's loss, perplexity, bits per character and accuracy on the held-out end of `text`: the
+    windows `kn.data.make_datasets` holds out for validation (`keras-nanogpt evaluate`).
+
+    Args:
+        model: a `NanoGPT` with a vectorizer (compiled with the defaults when it is not compiled).
+        text: the text (`kn.data.load_text`); its last `validation_split` is scored.
+        validation_split: the share held out, in (0, 1).
+        batch_size: windows per batch.
+
+    Returns:
+        A dict: "validation_loss" (nats per token), "perplexity", "bits_per_character" (None when the
+        tokens' characters are unknown) and "accuracy" (NaN when the model's metrics have none).
+
+    Example:
+        >>> evaluate_text(model, kn.data.load_text("pride_and_prejudice"))  # doctest: +SKIP
+        {'validation_loss': 1.52, 'perplexity': 4.57, 'bits_per_character': 2.19, 'accuracy': 0.54}
+    """
+    _validation.check_float("validation_split", validation_split, 0.0, 1.0, low_inclusive=False)
+    if getattr(model, "vectorizer", None) is None:
+        raise ValueError("`model` has no vectorizer, so it cannot read text.")
+    _, val = data.make_datasets(text, model.vectorizer, model.sequence_length, batch_size,
+                                validation_split=validation_split)
+    if not model.compiled:
+        model.compile()
+    results = model.evaluate(val, verbose=0, return_dict=True)
+    loss = float(results["loss"])
+    targets = np.concatenate([y.reshape(-1) for _, y in val.as_numpy_iterator()])  # every scored token
+    context = np.concatenate([x[:1, 0] for x, _ in val.take(1).as_numpy_iterator()])  # the one before them
+    characters = count_characters(model.vectorizer, np.concatenate([context, targets]))
+    return {"validation_loss": loss, "perplexity": math.exp(loss),
+            "bits_per_character": bits_per_character(loss * len(targets), characters),
+            "accuracy": float(results.get("accuracy", math.nan))}
 
 
 def _token_ids(model, inputs):

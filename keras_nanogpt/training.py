@@ -1,229 +1,21 @@
-"""Training recipes: `RECIPES` names each one's architecture, optimizer, schedule and reference run, and
-the optimizers they use: nanoGPT's (AdamW, weight decay on 2-D weights only, warmup + cosine, clipping)
-and the modern one (Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay)."""
+"""How to train: `RECIPES` names each recipe's architecture, optimizer, schedule and reference run, and
+`train(TrainingJob(...))` runs a whole training job (the `keras-nanogpt train` command) from Python.
+
+The optimizers and their schedule live in `keras_nanogpt.optimizers`; their names are here too
+(`kn.training.nanogpt_optimizer`, `kn.training.muon_optimizer`, ...)."""
 
 import dataclasses
 import inspect
 import math
+import os
 import typing
 
 import keras
-from keras import ops
 
-from keras_nanogpt import _validation, backends, configs
-from keras_nanogpt.model import NanoGPT
-
-DECAY_SHAPES = ("cosine", "linear")
-
-
-@keras.saving.register_keras_serializable(package="keras_nanogpt")
-class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, a stable phase at `peak`, then a cosine or linear decay to `final`.
-
-    Step `t` (from 0) of the warmup gets `peak * (t + 1) / (warmup_steps + 1)`, as nanoGPT's
-    `get_lr` does (never 0). The decay takes the last `decay_steps` of `total_steps`: all the steps
-    after the warmup by default (nanoGPT's warmup + cosine); fewer make it warmup-stable-decay.
-
-    Args:
-        peak: the learning rate after the warmup.
-        total_steps: steps of the whole run; `final` is reached there and kept after.
-        warmup_steps: steps of linear warmup.
-        decay_steps: steps of the decay at the end (None: every step after the warmup).
-        final: the learning rate at `total_steps`.
-        shape: "cosine" or "linear".
-
-    Example:
-        >>> schedule = WarmupDecay(1e-3, total_steps=2000, warmup_steps=100, final=1e-4)
-        >>> round(float(schedule(100)), 6), round(float(schedule(2000)), 6)
-        (0.001, 0.0001)
-    """
-
-    def __init__(self, peak, total_steps, warmup_steps=0, decay_steps=None, final=0.0, shape="cosine"):
-        self.peak = _validation.check_float("peak", peak, 0.0, math.inf, low_inclusive=False)
-        self.total_steps = _validation.check_int("total_steps", total_steps)
-        self.warmup_steps = _validation.check_int("warmup_steps", warmup_steps, minimum=0)
-        if self.warmup_steps >= self.total_steps:
-            raise ValueError(f"`warmup_steps` must be smaller than `total_steps` ({self.total_steps}); "
-                             f"got {self.warmup_steps}.")
-        after_warmup = self.total_steps - self.warmup_steps
-        self.decay_steps = after_warmup if decay_steps is None else _validation.check_int(
-            "decay_steps", decay_steps)
-        if self.decay_steps > after_warmup:
-            raise ValueError(f"`decay_steps` must be at most the {after_warmup} steps after the warmup; "
-                             f"got {self.decay_steps}.")
-        self.final = _validation.check_float("final", final, 0.0, self.peak, high_inclusive=True)
-        self.shape = _validation.check_choice("shape", shape, DECAY_SHAPES)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        warmup = self.peak * (step + 1.0) / (self.warmup_steps + 1.0)
-        start = float(self.total_steps - self.decay_steps)
-        progress = ops.clip((step - start) / float(self.decay_steps), 0.0, 1.0)
-        fraction = (0.5 * (1.0 + ops.cos(math.pi * progress)) if self.shape == "cosine"
-                    else 1.0 - progress)  # 1 at the start of the decay, 0 at its end
-        decayed = self.final + (self.peak - self.final) * fraction
-        return ops.where(step < self.warmup_steps, warmup, decayed)
-
-    def get_config(self):
-        return dict(peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                    decay_steps=self.decay_steps, final=self.final, shape=self.shape)
-
-
-@keras.saving.register_keras_serializable(package="keras_nanogpt")
-class MatrixDecayAdamW(backends.adamw_class()):
-    """AdamW that decays only weights with two or more dimensions (kernels, embeddings), as nanoGPT does.
-
-    Biases and LayerNorm scales/offsets (1-D) are never decayed. Takes the arguments of
-    `keras.optimizers.AdamW`; the rule needs no variable names, so it survives `.keras` save/load.
-
-    Example:
-        >>> optimizer = MatrixDecayAdamW(learning_rate=1e-3, weight_decay=0.1)
-    """
-
-    def _use_weight_decay(self, variable):
-        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
-
-
-def nanogpt_optimizer(total_steps, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
-                      weight_decay=0.1, beta_1=0.9, beta_2=0.99, clipnorm=1.0,
-                      gradient_accumulation_steps=None):
-    """nanoGPT's `train.py` optimiser: AdamW with linear warmup, then cosine decay to a floor.
-
-    Args:
-        total_steps: optimizer steps of the whole run (the cosine reaches `min_learning_rate` there).
-        learning_rate: peak learning rate, reached after `warmup_steps`.
-        min_learning_rate: the floor at the end of the cosine, <= `learning_rate`.
-        warmup_steps: steps of linear warmup from 0, < `total_steps`.
-        weight_decay: decoupled weight decay on 2-D weights only.
-        beta_1: Adam's first-moment decay.
-        beta_2: Adam's second-moment decay (nanoGPT's small-model recipe: 0.99).
-        clipnorm: clip the global norm of all gradients together to this, as nanoGPT's
-            `clip_grad_norm_` does (None: no clipping).
-        gradient_accumulation_steps: apply the update every this many batches (None: every batch).
-
-    Returns:
-        A `MatrixDecayAdamW` whose learning rate is a `WarmupDecay` (nanoGPT's `get_lr`).
-
-    Example:
-        >>> model.compile(optimizer=nanogpt_optimizer(total_steps=2000))  # doctest: +SKIP
-    """
-    total_steps, warmup_steps, clipnorm, gradient_accumulation_steps = _check_run(
-        total_steps, warmup_steps, clipnorm, gradient_accumulation_steps)
-    learning_rate = _validation.check_float("learning_rate", learning_rate, 0.0, float("inf"),
-                                            low_inclusive=False)
-    min_learning_rate = _validation.check_float("min_learning_rate", min_learning_rate, 0.0, learning_rate,
-                                                high_inclusive=True)
-    weight_decay = _validation.check_float("weight_decay", weight_decay, 0.0, float("inf"))
-    beta_1 = _validation.check_float("beta_1", beta_1, 0.0, 1.0)
-    beta_2 = _validation.check_float("beta_2", beta_2, 0.0, 1.0)
-    schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, final=min_learning_rate)
-    return MatrixDecayAdamW(
-        learning_rate=schedule, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2,
-        epsilon=1e-8, global_clipnorm=clipnorm, gradient_accumulation_steps=gradient_accumulation_steps)
-
-
-@keras.saving.register_keras_serializable(package="keras_nanogpt")
-class MatrixDecayMuon(keras.optimizers.Muon):
-    """Keras's Muon with decoupled weight decay as AdamW has it: only on weights with two or more
-    dimensions, and the AdamW weights' at AdamW's learning rate (Keras's Muon decays them at Muon's,
-    `1 / adam_lr_ratio` times faster). The schedule is read once per step (Keras's: once per variable).
-
-    Takes the arguments of `keras.optimizers.Muon`: Muon on 2-D weights that are neither embeddings
-    nor in `exclude_layers`, AdamW (at `learning_rate * adam_lr_ratio`) on everything else.
-
-    Example:
-        >>> optimizer = MatrixDecayMuon(learning_rate=0.02, exclude_layers=["head"])
-    """
-
-    def _use_weight_decay(self, variable):
-        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
-
-    def _apply_weight_decay(self, variables):
-        learning_rate = self.learning_rate  # a schedule is evaluated here, once
-        for variable in variables:
-            if not self._use_weight_decay(variable):
-                continue
-            if self._should_use_adamw(variable):
-                decay = self.adam_weight_decay * self.adam_lr_ratio
-            else:
-                decay = self.weight_decay
-            if decay:
-                factor = ops.cast(learning_rate, variable.dtype) * ops.cast(decay, variable.dtype)
-                variable.assign(variable - variable * factor)
-
-
-def muon_optimizer(total_steps, learning_rate=0.01, adam_learning_rate=3e-3, warmup_steps=100,
-                   decay_fraction=1.0, final_ratio=0.1, decay_shape="cosine", momentum=0.95,
-                   weight_decay=0.0, adam_weight_decay=0.1, adam_beta_1=0.9, adam_beta_2=0.99,
-                   clipnorm=1.0, ns_steps=5, gradient_accumulation_steps=None):
-    """The modern recipe's optimiser: Muon on the blocks' matrices, AdamW on embeddings, head and norms.
-
-    Muon (`keras.optimizers.Muon`: momentum orthogonalised by Newton-Schulz iterations, its update
-    scaled to AdamW's size) trains every 2-D kernel inside the transformer blocks; AdamW trains the
-    token (and position) tables, an untied `head` and the norm scales. Both follow one schedule:
-    linear warmup, then a cosine or linear decay over the last `decay_fraction` of the steps
-    (1.0: all of them after the warmup; less: warmup-stable-decay) to `final_ratio` of the peak.
-
-    Args:
-        total_steps: optimizer steps of the whole run.
-        learning_rate: Muon's peak learning rate.
-        adam_learning_rate: AdamW's peak learning rate (embeddings, head, norms).
-        warmup_steps: steps of linear warmup, < `total_steps`.
-        decay_fraction: the share of `total_steps` spent decaying, in (0, 1].
-        final_ratio: the learning rates at the end, as a fraction of their peaks, in [0, 1].
-        decay_shape: "cosine" or "linear".
-        momentum: Muon's (Nesterov) momentum.
-        weight_decay: decoupled weight decay of the Muon matrices.
-        adam_weight_decay: decoupled weight decay of AdamW's 2-D weights (tables, head); norms never.
-        adam_beta_1: AdamW's first-moment decay.
-        adam_beta_2: AdamW's second-moment decay.
-        clipnorm: clip the global norm of all gradients to this (None: no clipping).
-        ns_steps: Newton-Schulz iterations per Muon update.
-        gradient_accumulation_steps: apply the update every this many batches (None: every batch).
-
-    Returns:
-        A `MatrixDecayMuon` whose learning rate is a `WarmupDecay`.
-
-    Example:
-        >>> model = kn.NanoGPT.from_config_name("nano-modern", vocabulary_size=65)  # doctest: +SKIP
-        >>> model.compile(optimizer=muon_optimizer(total_steps=2000))  # doctest: +SKIP
-    """
-    total_steps, warmup_steps, clipnorm, gradient_accumulation_steps = _check_run(
-        total_steps, warmup_steps, clipnorm, gradient_accumulation_steps)
-    learning_rate = _validation.check_float("learning_rate", learning_rate, 0.0, math.inf, low_inclusive=False)
-    adam_learning_rate = _validation.check_float("adam_learning_rate", adam_learning_rate, 0.0, math.inf,
-                                                 low_inclusive=False)
-    decay_fraction = _validation.check_float("decay_fraction", decay_fraction, 0.0, 1.0, low_inclusive=False,
-                                             high_inclusive=True)
-    final_ratio = _validation.check_float("final_ratio", final_ratio, 0.0, 1.0, high_inclusive=True)
-    momentum = _validation.check_float("momentum", momentum, 0.0, 1.0)
-    weight_decay = _validation.check_float("weight_decay", weight_decay, 0.0, math.inf)
-    adam_weight_decay = _validation.check_float("adam_weight_decay", adam_weight_decay, 0.0, math.inf)
-    adam_beta_1 = _validation.check_float("adam_beta_1", adam_beta_1, 0.0, 1.0)
-    adam_beta_2 = _validation.check_float("adam_beta_2", adam_beta_2, 0.0, 1.0)
-    ns_steps = _validation.check_int("ns_steps", ns_steps)
-    decay_steps = min(total_steps - warmup_steps, max(1, round(decay_fraction * total_steps)))
-    schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, decay_steps=decay_steps,
-                           final=learning_rate * final_ratio, shape=decay_shape)
-    return MatrixDecayMuon(
-        learning_rate=schedule, adam_lr_ratio=adam_learning_rate / learning_rate, momentum=momentum,
-        weight_decay=weight_decay, adam_weight_decay=adam_weight_decay, adam_beta_1=adam_beta_1,
-        adam_beta_2=adam_beta_2, epsilon=1e-8, global_clipnorm=clipnorm, exclude_layers=["head"],
-        ns_steps=ns_steps, gradient_accumulation_steps=gradient_accumulation_steps)
-
-
-def _check_run(total_steps, warmup_steps, clipnorm, gradient_accumulation_steps):
-    """The arguments both recipes share, checked: `(total_steps, warmup_steps, clipnorm, accumulation)`."""
-    total_steps = _validation.check_int("total_steps", total_steps)
-    warmup_steps = _validation.check_int("warmup_steps", warmup_steps, minimum=0)
-    if warmup_steps >= total_steps:
-        raise ValueError(f"`warmup_steps` must be smaller than `total_steps` ({total_steps}); got {warmup_steps}.")
-    if clipnorm is not None:
-        clipnorm = _validation.check_float("clipnorm", clipnorm, 0.0, math.inf, low_inclusive=False)
-    if gradient_accumulation_steps is not None:
-        gradient_accumulation_steps = _validation.check_int(
-            "gradient_accumulation_steps", gradient_accumulation_steps, minimum=2)
-    return total_steps, warmup_steps, clipnorm, gradient_accumulation_steps
+from keras_nanogpt import _validation, backends, backup, callbacks, configs, convert, data, distribute
+from keras_nanogpt.model import NanoGPT, load_model
+from keras_nanogpt.optimizers import (  # noqa: F401 (kn.training's names)
+    DECAY_SHAPES, MatrixDecayAdamW, MatrixDecayMuon, WarmupDecay, muon_optimizer, nanogpt_optimizer)
 
 
 def _muon_recipe(**settings):
@@ -366,3 +158,244 @@ def optimizer_for(recipe, total_steps, learning_rate=None, warmup_steps=None):
     _validation.check_choice("recipe", recipe, RECIPES)
     total_steps = _validation.check_int("total_steps", total_steps)
     return RECIPES[recipe].optimizer(total_steps, learning_rate, warmup_steps)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingJob:
+    """A whole training run, as `keras-nanogpt train` runs it: each field is the flag of the same name
+    (`hidden_dim` is `--hidden-dim`), with the same default; all keyword arguments. Checked when made
+    (`dataclasses.replace(job, steps=...)` makes a checked variant); run it with `train(job)`.
+
+    Args:
+        text: what to train on: a known corpus name ("pride_and_prejudice", "tinyshakespeare") or a
+            text file's path (`kn.data.load_text`).
+        out: the `.keras` file written when training completes.
+        level: the tokenizer's level, one of `kn.data.LEVELS` (None: "char").
+        config: a size of `kn.CONFIGS` (None: "nano").
+        layers, heads, hidden_dim, sequence_length, dropout: overrides of the size (None: its own).
+            With `init`, `sequence_length` may shorten the windows to at most the model's context.
+        batch_size: windows per step.
+        steps: optimizer steps in all, rounded up to a multiple of `checkpoint_every` (None: 2000, unless
+            `epochs` is given).
+        epochs: passes over the training windows instead of `steps`.
+        learning_rate: the peak learning rate (None: the recipe's; "modern" and "speedrun": Muon's).
+        recipe: one of `RECIPES`: the architecture (for a new model) and the optimizer with its schedule.
+        validation_split: the share of the text at its end held out for validation, in [0, 1).
+        mixed_precision: train in "mixed_bfloat16" (sets Keras's global dtype policy).
+        strategy: one of `kn.distribute.STRATEGIES` (see `kn.distribute.scope`).
+        seed: seeds Keras's random generators and the order of the training windows.
+        checkpoint_dir: back up there every `checkpoint_every` steps and on SIGTERM/SIGINT (then exit with
+            143/130), and resume from the newest backup there (`kn.backup.PreemptibleBackup`).
+        checkpoint_every: steps between backups, and between progress reports (Keras's "epochs").
+        tensorboard: a log directory for TensorBoard scalars and text samples.
+        compilation_cache: JAX only: keep the compiled steps in this folder (`kn.backends.cache_compilations`).
+        plot: a PNG of the train and validation loss (`kn.callbacks.LossPlotCallback`).
+        prompt: print a sample from this prompt after every report.
+        peak_flops: the hardware's peak FLOP/s, to report the model FLOPs utilisation.
+        verbose: `fit`'s verbosity: 0, 1 or 2.
+        init: fine-tune this model (a `.keras` file or a Hugging Face GPT-2 folder) instead of training a
+            new one; it brings its architecture and tokenizer.
+        lora_rank: with `init`: train rank-`lora_rank` LoRA adapters only (`NanoGPT.enable_lora`).
+
+    Example:
+        >>> job = TrainingJob(text="tinyshakespeare", out="shakespeare.keras", steps=200)
+        >>> result = train(job)  # doctest: +SKIP
+    """
+
+    text: str
+    out: str
+    level: typing.Optional[str] = None
+    config: typing.Optional[str] = None
+    layers: typing.Optional[int] = None
+    heads: typing.Optional[int] = None
+    hidden_dim: typing.Optional[int] = None
+    sequence_length: typing.Optional[int] = None
+    dropout: typing.Optional[float] = None
+    batch_size: int = 32
+    steps: typing.Optional[int] = None
+    epochs: typing.Optional[int] = None
+    learning_rate: typing.Optional[float] = None
+    recipe: str = "modern"
+    validation_split: float = 0.1
+    mixed_precision: bool = False
+    strategy: str = "none"
+    seed: int = 1337
+    checkpoint_dir: typing.Optional[str] = None
+    checkpoint_every: int = 100
+    tensorboard: typing.Optional[str] = None
+    compilation_cache: typing.Optional[str] = None
+    plot: typing.Optional[str] = None
+    prompt: typing.Optional[str] = None
+    peak_flops: typing.Optional[float] = None
+    verbose: int = 1
+    init: typing.Optional[str] = None
+    lora_rank: typing.Optional[int] = None
+
+    def __post_init__(self):
+        """Every field that can be checked before reading the text or building the model."""
+        check = _validation
+        for name in ("batch_size", "steps", "epochs", "checkpoint_every", "layers", "heads", "hidden_dim",
+                     "sequence_length", "lora_rank"):
+            if getattr(self, name) is not None:
+                check.check_int(name, getattr(self, name))
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"Give `steps` or `epochs`, not both; got steps={self.steps}, epochs={self.epochs}.")
+        if self.config is not None:
+            check.check_choice("config", self.config, tuple(configs.CONFIGS))
+        if self.lora_rank is not None and not self.init:
+            raise ValueError("`lora_rank` fine-tunes an existing model: give `init` (a .keras file or a GPT-2 folder).")
+        if self.init:
+            given = [f"`{name}`" for name in ("config", "level", "layers", "heads", "hidden_dim", "mixed_precision")
+                     if getattr(self, name) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} cannot be combined with `init`: the model brings its "
+                                 "architecture, tokenizer and dtype.")
+        if self.level is not None:
+            check.check_choice("level", self.level, data.LEVELS)
+        check.check_choice("recipe", self.recipe, RECIPES)
+        check.check_choice("strategy", self.strategy, distribute.STRATEGIES + ("multi-worker-mirrored",))
+        if self.compilation_cache and backends.name() != "jax":
+            raise ValueError(f"`compilation_cache` is for the JAX backend; this run uses {backends.name()} "
+                             f"(set KERAS_BACKEND=jax).")
+        if self.learning_rate is not None:
+            check.check_float("learning_rate", self.learning_rate, 0.0, math.inf, low_inclusive=False)
+        check.check_float("validation_split", self.validation_split, 0.0, 1.0, high_inclusive=False)
+        if self.dropout is not None:
+            check.check_float("dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+        check.check_flag("mixed_precision", self.mixed_precision)
+        check.check_choice("verbose", self.verbose, (0, 1, 2))
+        if not os.fspath(self.out).endswith(".keras"):
+            raise ValueError(f"`out` must end in .keras; got {self.out!r}.")
+
+    @property
+    def total_steps(self):
+        """The optimizer steps of a `steps` run (rounded up to `checkpoint_every`); None for an `epochs` run."""
+        if self.epochs is not None:
+            return None
+        steps = 2000 if self.steps is None else self.steps
+        return math.ceil(steps / self.checkpoint_every) * self.checkpoint_every
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    """What `train` did: the trained `model` (also saved at `out`), its `history`, the optimizer `steps` of
+    the whole run and the step it `resumed` from (0: a fresh start)."""
+
+    model: NanoGPT
+    history: keras.callbacks.History
+    out: str
+    steps: int
+    resumed: int
+
+
+def train(job, log=print):
+    """Run a `TrainingJob`: read the text, build (or load) the model, fit it and save it to `job.out`.
+
+    The same run as `keras-nanogpt train` with the job's flags. It sets Keras's random seed (and with
+    `mixed_precision` its global dtype policy). With `checkpoint_dir`, SIGTERM and SIGINT back up the step
+    they end on and exit with status 143 or 130 (`SystemExit`); the same job resumes there.
+
+    Args:
+        job: a `TrainingJob`.
+        log: called with each line of news while the job runs ("resuming from step N", the weights a
+            fine-tuning trains); None: silent.
+
+    Returns:
+        A `TrainingResult`: the model, its history, `out`, the steps of the run and the step resumed from.
+
+    Example:
+        >>> job = TrainingJob(text="tinyshakespeare", out="tiny.keras", layers=1, heads=2, hidden_dim=16,
+        ...                   sequence_length=16, steps=20, checkpoint_every=10, verbose=0)
+        >>> train(job).model.generate("ROMEO:", max_new_tokens=20)  # doctest: +SKIP
+    """
+    if not isinstance(job, TrainingJob):
+        raise TypeError(f"`job` must be a kn.training.TrainingJob; got {type(job).__name__}.")
+    log = log or (lambda line: None)
+    if job.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    if job.compilation_cache:
+        backends.cache_compilations(job.compilation_cache)
+    keras.utils.set_random_seed(job.seed)
+    strategy = distribute.scope(job.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
+    text = data.load_text(job.text)
+    recipe = RECIPES[job.recipe]
+    with strategy:
+        model = _initial_model(job, log) if job.init else _new_model(job, text, recipe)
+        sequence_length = job.sequence_length or model.sequence_length
+        train_ds, val_ds = _datasets(job, text, model.vectorizer, sequence_length)
+        if job.epochs is not None:
+            steps_per_epoch = int(train_ds.cardinality())
+            total_steps = job.epochs * steps_per_epoch
+        else:
+            steps_per_epoch, total_steps = job.checkpoint_every, job.total_steps
+        model.compile(optimizer=recipe.optimizer(total_steps, job.learning_rate))
+        fit_callbacks = [callbacks.ThroughputCallback(job.batch_size * sequence_length, job.peak_flops)]
+        backups, resumed = None, 0
+        if job.checkpoint_dir:
+            # Every `checkpoint_every` steps and on SIGTERM/SIGINT (then at that step, exiting 143/130).
+            backups = backup.PreemptibleBackup(job.checkpoint_dir, save_every=job.checkpoint_every)
+            resumed = backups.restore(model)
+            if resumed:
+                log(f"resuming from step {resumed}")
+        if job.tensorboard:
+            fit_callbacks.append(keras.callbacks.TensorBoard(job.tensorboard))
+        if job.prompt or job.tensorboard:
+            fit_callbacks.append(callbacks.TextGenerationCallback(
+                job.prompt or text[:20], max_new_tokens=200, log_dir=job.tensorboard, temperature=0.8,
+                top_k=40, seed=job.seed))
+        if job.plot:
+            fit_callbacks.append(callbacks.LossPlotCallback(job.plot))
+        if backups is not None:
+            fit_callbacks.append(backups)  # last: on a signal it stops after the other callbacks saw the step
+        # The same batches as a run never stopped: the random windows continue after the `resumed` trained.
+        history = model.fit(train_ds.repeat().skip(resumed), steps_per_epoch=steps_per_epoch,
+                            epochs=total_steps // steps_per_epoch, validation_data=val_ds,
+                            callbacks=fit_callbacks, verbose=job.verbose)
+    model.save(job.out)
+    if backups is not None:
+        backups.delete()  # only now: a failed save leaves the backup of the final step
+    return TrainingResult(model, history, job.out, total_steps, resumed)
+
+
+def _new_model(job, text, recipe):
+    """A new `NanoGPT` of the job's size and the recipe's architecture, with a tokenizer learned from `text`."""
+    vectorizer = data.make_vectorizer(text, level=job.level or "char")
+    overrides = {key: value for key, value in (
+        ("num_layers", job.layers), ("num_heads", job.heads), ("hidden_dim", job.hidden_dim),
+        ("sequence_length", job.sequence_length), ("dropout", job.dropout)) if value is not None}
+    return NanoGPT.from_config_name(job.config or "nano", vectorizer=vectorizer,
+                                    vocabulary_size=vectorizer.vocabulary_size(),
+                                    **{**recipe.architecture, **overrides})
+
+
+def _initial_model(job, log):
+    """The model `job.init` names, with `job.lora_rank` adapters enabled; checked before training starts."""
+    path = os.fspath(job.init)
+    if os.path.isdir(path):
+        model = convert.from_huggingface_gpt2(path, dropout=job.dropout)
+    elif path.endswith(".keras"):
+        if job.dropout is not None:
+            raise ValueError("`dropout` cannot change a saved .keras model; it applies to a GPT-2 folder.")
+        model = load_model(path)
+    else:
+        raise ValueError(f"`init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
+    if model.vectorizer is None:
+        raise ValueError(f"`init` {path!r} has no tokenizer, so it cannot read `text`; save the model with "
+                         "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
+    if job.sequence_length is not None and job.sequence_length > model.sequence_length:
+        raise ValueError(f"`sequence_length` must be at most the model's context ({model.sequence_length}) "
+                         f"with `init`; got {job.sequence_length}.")
+    if job.lora_rank is not None:
+        model.enable_lora(job.lora_rank)
+    trainable = sum(math.prod(v.shape) for v in model.trainable_variables)
+    total = sum(math.prod(v.shape) for v in model.weights)
+    log(f"fine-tuning {path}: {trainable:,} of {total:,} weights trainable"
+        + (f" (LoRA rank {job.lora_rank})" if job.lora_rank is not None else ""))
+    return model
+
+
+def _datasets(job, text, vectorizer, sequence_length):
+    """The job's `(train, validation)` tf.data windows of `(ids, next ids)`: the one place that turns the
+    job's source into batches (another source, such as token shards, slots in here)."""
+    return data.make_datasets(text, vectorizer, sequence_length, job.batch_size,
+                              validation_split=job.validation_split, sampling="random", seed=job.seed)

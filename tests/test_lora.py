@@ -192,7 +192,10 @@ def test_command_line_reads_a_gpt2_folder(tmp_path):
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     arguments = ["train", "--init", str(tmp_path), "--lora-rank", "2", "--text", "unused", "--dropout", "0",
                  "--out", "unused.keras"]
-    model = cli._initial_model(cli.build_parser().parse_args(arguments))  # what `train` then fits
+    args = cli.build_parser().parse_args(arguments)
+    job = kn.training.TrainingJob(text=args.text, out=args.out, init=args.init, lora_rank=args.lora_rank,
+                                  dropout=args.dropout)
+    model = kn.training._initial_model(job, log=print)  # what `train` then fits
     assert kn.adapters.lora_config(model)["rank"] == 2 and model.use_bias and model.dropout == 0
     assert model.vectorizer is not None and model.vocabulary_size == bpe.get_vocab_size()
 

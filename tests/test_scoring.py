@@ -108,3 +108,14 @@ def test_cli_evaluate_reports_bits_per_character(model, small_text, tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     # A char vocabulary: one token per character, so bits per character is the loss in bits.
     assert report["bits_per_character"] == pytest.approx(report["validation_loss"] / math.log(2), abs=2e-4)
+
+
+def test_evaluate_text_is_the_cli_report_unrounded(char_vectorizer, small_text):
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), 32, 1, 2, 32, vectorizer=char_vectorizer)  # compiled here
+    report = kn.scoring.evaluate_text(model, small_text[:4000], validation_split=0.1, batch_size=8)
+    assert set(report) == {"validation_loss", "perplexity", "bits_per_character", "accuracy"}
+    assert report["perplexity"] == pytest.approx(math.exp(report["validation_loss"]))
+    assert report["bits_per_character"] == pytest.approx(report["validation_loss"] / math.log(2), abs=2e-4)
+    for split in (0, 1.0):
+        with pytest.raises(ValueError, match="`validation_split` must be in"):
+            kn.scoring.evaluate_text(model, small_text, validation_split=split)

@@ -120,3 +120,34 @@ def test_speedrun_recipe_fixes_its_architecture_optimizer_and_run():
     assert kn.training.optimizer_for("speedrun", 150)._learning_rate.warmup_steps == 10  # the reference run's
     with pytest.raises(TypeError, match="beta_3"):
         speedrun.optimizer(beta_3=0.5)
+
+
+def test_a_training_job_runs_from_python_and_saves_a_model_that_loads(small_text, tmp_path):
+    """`kn.training.train(TrainingJob(...))` is `keras-nanogpt train` with the same flags, from Python."""
+    (tmp_path / "corpus.txt").write_text(small_text[:6000], encoding="utf-8")
+    job = kn.training.TrainingJob(text=str(tmp_path / "corpus.txt"), out=str(tmp_path / "m.keras"), layers=1,
+                                  heads=2, hidden_dim=16, sequence_length=16, batch_size=8, steps=3,
+                                  checkpoint_every=2, validation_split=0.1, verbose=0)
+    assert (job.recipe, job.seed, job.total_steps) == ("modern", 1337, 4)  # the CLI's defaults; steps rounded up
+    lines = []
+    result = kn.training.train(job, log=lines.append)
+    assert (result.out, result.steps, result.resumed, lines) == (job.out, 4, 0, [])
+    assert len(result.history.history["loss"]) == 2 and "val_loss" in result.history.history
+    loaded = kn.load_model(job.out)
+    assert int(to_numpy(loaded.optimizer.iterations)) == 4 and loaded.position_embedding == "rotary"
+    assert isinstance(loaded.optimizer, kn.training.MatrixDecayMuon)
+    assert loaded.generate("It is", max_new_tokens=3, temperature=0.0).startswith("It is")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(steps=0), "`steps` must be an integer >= 1"),
+    (dict(steps=10, epochs=1), "not both"),
+    (dict(recipe="fast"), "`recipe` must be one of ('modern', 'speedrun', 'nanogpt', 'adam')"),
+    (dict(out="m.h5"), "`out` must end in .keras"),
+    (dict(lora_rank=2), "give `init`"),
+    (dict(init="base.keras", layers=2), "`layers` cannot be combined with `init`"),
+])
+def test_a_training_job_names_a_bad_field_when_made(arguments, message):
+    with pytest.raises((ValueError, TypeError)) as caught:
+        kn.training.TrainingJob(**{"text": "corpus.txt", "out": "m.keras", **arguments})
+    assert message in str(caught.value)
