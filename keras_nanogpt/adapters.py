@@ -138,7 +138,7 @@ def merge_lora(model):
         layer.lora_rank = layer.lora_alpha = None
         kernel.assign(merged)
         for variable in (kernel, layer.bias):  # frozen by enable_lora (TensorFlow's setattr skips
-            if variable is not None:                 # `layer.trainable = True` on a layer already True)
+            if variable is not None:          # `layer.trainable = True` on a layer already True)
                 variable.trainable = True
     gc.collect()  # once: frees the adapters' buffers
     if hasattr(model, "_lora_adapters"):
