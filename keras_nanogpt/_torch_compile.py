@@ -41,7 +41,7 @@ import torch
 from keras import ops
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from keras_nanogpt import _files, _torch_tracing, _version
+from keras_nanogpt import _files, _torch_keras_internals, _torch_tracing, _version
 
 ENVIRONMENT_VARIABLE = "KERAS_NANOGPT_TORCH_COMPILE"
 MODES = ("auto", "always", "trace", "never")
@@ -321,40 +321,13 @@ def _compiled_step(model, step, num_weights, num_cache, example, graph=None):
     return _torch_tracing.inductor(graph, example)
 
 
-@torch.library.custom_op("keras_nanogpt::seeded_categorical", mutates_args=())
-def _seeded_categorical(logits: torch.Tensor, seed: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Keras's torch `random.categorical` as one operator: a generator seeded from the two seed words
-    (their uint32 bits added, as `keras.src.backend.torch.random.torch_seed_generator` does)."""
-    generator = torch.Generator(device=logits.device)
-    generator.manual_seed(int(seed[0] + seed[1]) & 0xFFFFFFFF)
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples, replacement=True, generator=generator)
-
-
-@_seeded_categorical.register_fake
-def _(logits, seed, num_samples):
-    return logits.new_empty((logits.shape[0], num_samples), dtype=torch.int64)
-
-
-def _traceable_categorical(logits, num_samples, dtype="int32", seed=None):
-    """`keras.random.categorical` on torch with its generator inside `_seeded_categorical`, so it traces."""
-    from keras.src.backend.torch.core import to_torch_dtype
-    from keras.src.random.seed_generator import draw_seed
-
-    return _seeded_categorical(ops.convert_to_tensor(logits), draw_seed(seed),
-                               int(num_samples)).type(to_torch_dtype(dtype))
-
-
 def _traced_draw(draw, probabilities, seeds):
-    """The sampler's `draw(probabilities, seeds) -> (tokens, seeds)` as a traced graph of flat tensors."""
-    from keras.src.backend.torch import random as torch_random
+    """The sampler's `draw(probabilities, seeds) -> (tokens, seeds)` as a traced graph of flat tensors, its
+    categorical draw as one seeded operator (`_torch_keras_internals.traceable_draws`)."""
 
     def flat_draw(probabilities, *seeds):
         token, seeds = draw(probabilities, list(seeds))
         return (token, *seeds)
 
-    original = torch_random.categorical
-    torch_random.categorical = _traceable_categorical  # while tracing only
-    try:
+    with _torch_keras_internals.traceable_draws():
         return _torch_tracing.trace(flat_draw, [probabilities, *[s.clone() for s in seeds]])
-    finally:
-        torch_random.categorical = original

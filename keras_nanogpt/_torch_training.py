@@ -22,13 +22,11 @@ import warnings
 
 import keras
 import torch
-from keras.src.backend.torch.optimizers.torch_adamw import AdamW as _KerasTorchAdamW
-from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_nanogpt import _torch_tracing
+from keras_nanogpt import _keras_internals, _torch_keras_internals, _torch_tracing
 
 
-class ForeachAdamW(_KerasTorchAdamW):
+class ForeachAdamW(_torch_keras_internals.TorchAdamW):
     """Keras's PyTorch AdamW (`torch._foreach_*` updates), with global-norm clipping in foreach
     operations too; the same arithmetic as `keras.optimizers.AdamW`.
 
@@ -36,9 +34,9 @@ class ForeachAdamW(_KerasTorchAdamW):
         >>> optimizer = ForeachAdamW(learning_rate=1e-3, global_clipnorm=1.0)  # doctest: +SKIP
     """
 
-    def _clip_gradients(self, grads):
+    def _kn_clip_gradients(self, grads):
         if self.clipnorm or self.clipvalue or not self.global_clipnorm or any(g is None for g in grads):
-            return super()._clip_gradients(grads)
+            return super()._kn_clip_gradients(grads)
         # Keras's `clip_by_global_norm`: scale by clip / max(norm, clip); NaN where the norm is not finite.
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         clip = torch.as_tensor(self.global_clipnorm, dtype=norm.dtype, device=norm.device)
@@ -114,7 +112,7 @@ class TracedStep:
         self.trace_seconds = []
 
     def __call__(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data[0])
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data[0])
         x, y, sample_weight = keras.tree.map_structure(
             lambda t: None if t is None else keras.ops.convert_to_tensor(t), (x, y, sample_weight))
         variables = self._variables()
@@ -158,9 +156,9 @@ class TracedStep:
             # Keras's TorchTrainer.train_step / test_step, with the gradients from autograd.grad.
             with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
                 y_pred = model(x, training=self.training)
-                loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weight,
-                                           training=self.training)
-                model._loss_tracker.update_state(loss, sample_weight=x.shape[0])
+                loss = _keras_internals.compute_loss(model, x=x, y=y, y_pred=y_pred, sample_weight=weight,
+                                                     training=self.training)
+                _keras_internals.loss_tracker(model).update_state(loss, sample_weight=x.shape[0])
                 if self.training:
                     gradients = torch.autograd.grad(model.optimizer.scale_loss(loss), values[:count])
                 with torch.no_grad():

@@ -39,7 +39,7 @@ import weakref
 import keras
 from keras import ops
 
-from keras_nanogpt import _validation, backends
+from keras_nanogpt import _keras_internals, _validation, backends
 
 LORA_TARGETS = ("qkv", "attention_output", "mlp", "mlp_output", "head")
 DEFAULT_LORA_TARGETS = ("qkv", "attention_output", "mlp", "mlp_output")
@@ -130,15 +130,15 @@ def merge_lora(model):
     if not layers:
         raise ValueError("This model has no LoRA adapters to merge; enable_lora(rank) adds them.")
     for layer in layers:
-        merged = layer._kernel + ops.cast(_delta(layer), layer._kernel.dtype)
-        for name in ("lora_kernel_a", "lora_kernel_b"):  # as Keras's Layer.__delattr__, less its
-            layer._untrack_variable(getattr(layer, name))  # gc.collect() per variable (0.4 s each)
-            super(keras.layers.Layer, layer).__delattr__(name)
+        kernel = _keras_internals.dense_kernel(layer)
+        merged = kernel + ops.cast(_delta(layer), kernel.dtype)
+        for name in ("lora_kernel_a", "lora_kernel_b"):
+            _keras_internals.delete_variable(layer, name)  # no gc.collect() per variable (0.4 s each)
         layer.lora_enabled = False
         layer.lora_rank = layer.lora_alpha = None
-        layer._kernel.assign(merged)
-        for variable in (layer._kernel, layer.bias):  # frozen by enable_lora (TensorFlow's setattr skips
-            if variable is not None:                 # `layer.trainable = True` on a layer already True)
+        kernel.assign(merged)
+        for variable in (kernel, layer.bias):  # frozen by enable_lora (TensorFlow's setattr skips
+            if variable is not None:          # `layer.trainable = True` on a layer already True)
                 variable.trainable = True
     gc.collect()  # once: frees the adapters' buffers
     if hasattr(model, "_lora_adapters"):
@@ -186,7 +186,7 @@ def config_state(model):
         ['dtype']
     """
     policy = model.dtype_policy
-    quantized = {layer.path: layer.dtype_policy for layer in model._flatten_layers(include_self=False)
+    quantized = {layer.path: layer.dtype_policy for layer in _keras_internals.sublayers(model, include_self=False)
                  if layer.quantization_mode is not None}
     if quantized and not isinstance(policy, keras.dtype_policies.DTypePolicyMap):
         policy = keras.dtype_policies.DTypePolicyMap(default_policy=policy, policy_map=quantized)
@@ -212,7 +212,7 @@ def from_config(make, config):
         config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
     lora = config.pop("lora", None)
     model = make(**config)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _keras_internals.sublayers(model, include_self=False):
         if (isinstance(layer, keras.layers.ReversibleEmbedding) and layer.quantization_mode == "int4"
                 and layer.quantization_config is None):
             layer.inputs_quantizer = None
@@ -222,7 +222,7 @@ def from_config(make, config):
 
 
 def _quantization_modes(model):
-    return sorted({layer.quantization_mode for layer in model._flatten_layers(include_self=False)
+    return sorted({layer.quantization_mode for layer in _keras_internals.sublayers(model, include_self=False)
                    if layer.quantization_mode is not None})
 
 
@@ -242,7 +242,7 @@ def _check_target(model, target):
 def _set_trainable(model, trainable):
     """Every sub-layer of the model (un)frozen; each one's setter recurses. (`model.trainable = True`
     would not: TensorFlow's `__setattr__` skips assigning the value an attribute already has.)"""
-    for layer in model._flatten_layers(include_self=False, recursive=False):
+    for layer in model.layers:  # the direct children
         layer.trainable = trainable
 
 
@@ -271,17 +271,18 @@ class _LoRAAdapters(keras.layers.Layer):
 
     def __init__(self, model):
         super().__init__(name="lora_adapters")
-        self._model = weakref.ref(model)
+        self._model_ref = weakref.ref(model)
 
     def save_own_variables(self, store):
-        for i, layer in enumerate(lora_layers(self._model())):
+        for i, layer in enumerate(lora_layers(self._model_ref())):
             store[f"a{i}"] = layer.lora_kernel_a
             store[f"b{i}"] = layer.lora_kernel_b
-            if layer.compute_dtype != layer._kernel.dtype:
-                store[f"kernel{i}"] = layer._kernel
+            kernel = _keras_internals.dense_kernel(layer)
+            if layer.compute_dtype != kernel.dtype:
+                store[f"kernel{i}"] = kernel
 
     def load_own_variables(self, store):
-        layers = lora_layers(self._model())
+        layers = lora_layers(self._model_ref())
         keys = set(store.keys())
         if not keys:  # weights saved without adapters: start fresh ones (`b` = 0 adds nothing)
             for layer in layers:
@@ -293,7 +294,8 @@ class _LoRAAdapters(keras.layers.Layer):
         for i, layer in enumerate(layers):
             layer.lora_kernel_a.assign(store[f"a{i}"])
             layer.lora_kernel_b.assign(store[f"b{i}"])
+            kernel = _keras_internals.dense_kernel(layer)
             if f"kernel{i}" in keys:
-                layer._kernel.assign(store[f"kernel{i}"])
+                kernel.assign(store[f"kernel{i}"])
             else:  # float32: the merged kernel less the adapters' product, exact to float32 rounding
-                layer._kernel.assign(layer._kernel - ops.cast(_delta(layer), layer._kernel.dtype))
+                kernel.assign(kernel - ops.cast(_delta(layer), kernel.dtype))

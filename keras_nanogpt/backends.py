@@ -23,7 +23,7 @@ import sys
 import keras
 from keras import ops
 
-from keras_nanogpt import decoding
+from keras_nanogpt import _keras_internals, decoding
 
 _HEAP_TOP_PAD = 64 << 20  # bytes glibc's malloc keeps at the top of a heap (M_TOP_PAD) under JAX
 
@@ -124,8 +124,8 @@ def training_jit_compile(model, jit_compile, run_eagerly=False):
     """
     backend = name()
     if backend == "tensorflow":
-        # Keras sets `_distribute_strategy` when a model is created under a strategy; XLA stays off there.
-        if jit_compile == "auto" and not run_eagerly and model._distribute_strategy is None:
+        # A model created under a strategy keeps XLA off.
+        if jit_compile == "auto" and not run_eagerly and _keras_internals.created_under_strategy(model) is None:
             return True
     elif backend == "torch":
         from keras_nanogpt import _torch_training
@@ -148,7 +148,7 @@ def after_compile(model, jit_compile):
     """
     ids = keras.KerasTensor((None, model.sequence_length), "int32")
     try:
-        model._symbolic_build(data_batch=(ids, ids))
+        _keras_internals.symbolic_build(model, data_batch=(ids, ids))
     except (ValueError, TypeError, RuntimeError):
         model.optimizer.build(model.trainable_variables)
     if name() == "torch":
@@ -222,5 +222,7 @@ def retrack_variables(model):
         >>> retrack_variables(model)  # doctest: +SKIP
     """
     if name() == "torch":
-        for layer in model._flatten_layers():
-            layer._track_variables()
+        from keras_nanogpt import _torch_keras_internals
+
+        for layer in _keras_internals.sublayers(model):
+            _torch_keras_internals.track_variables(layer)

@@ -30,7 +30,7 @@ import zipfile
 import keras
 import numpy as np
 
-from keras_nanogpt import _files, _torch_random, _validation, backends, distribute
+from keras_nanogpt import _files, _keras_internals, _torch_random, _validation, backends, distribute
 
 FORMAT = "keras_nanogpt.backup"
 VERSION = 1
@@ -157,7 +157,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
                 "PreemptibleBackup resumes at a step inside an epoch, so it needs the number of steps per "
                 "epoch: pass `steps_per_epoch` to fit (or data whose length is known).")
         epoch, self._resumed_in_epoch = divmod(self._step, steps) if self._step else (0, 0)
-        model._initial_epoch = epoch  # what Keras's BackupAndRestore sets too
+        _keras_internals.set_initial_epoch(model, epoch)  # what Keras's BackupAndRestore sets too
         self._processes = distribute.process_count()
         self._install_handlers(model)
 
@@ -180,11 +180,12 @@ class PreemptibleBackup(keras.callbacks.Callback):
             self._save()
         steps = self.params.get("steps")
         if self._done_in_epoch and self._done_in_epoch + batch + 1 >= steps:
-            self._model.stop_training = _END_OF_SHORT_EPOCH  # the first epoch after a resume ends here
+            _keras_internals.callback_model(self).stop_training = _END_OF_SHORT_EPOCH  # the resumed epoch ends
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._model.stop_training is _END_OF_SHORT_EPOCH:
-            self._model.stop_training = False
+        model = _keras_internals.callback_model(self)
+        if model.stop_training is _END_OF_SHORT_EPOCH:
+            model.stop_training = False
         if self._stopped_for_signal():  # one that came during validation: no further step
             return
         if self.save_every == "epoch" and self._step != self._last_saved:
@@ -195,7 +196,7 @@ class PreemptibleBackup(keras.callbacks.Callback):
             if self._step != self._last_saved:
                 self._save()  # the final state, so that a failed model.save loses nothing
         self._uninstall_handlers()
-        self._model._initial_epoch = None
+        _keras_internals.set_initial_epoch(_keras_internals.callback_model(self), None)
 
     def delete(self):
         """Remove the backups (and the folder when nothing else is in it); call it once the model is saved."""
@@ -290,12 +291,13 @@ class PreemptibleBackup(keras.callbacks.Callback):
             path = self._save()
         self.interrupted_by = name
         self.print_fn(f"{name}: backed up step {self._step} to {path}; the same command resumes from there.")
-        self._model._initial_epoch = None
+        model = _keras_internals.callback_model(self)
+        _keras_internals.set_initial_epoch(model, None)
         if self.exit_on_signal:
             # The handlers stay, ignoring further signals while the process exits (then they pass them on).
             self._exiting_until = time.monotonic() + _EXIT_GRACE_S
             raise SystemExit(128 + int(number))
-        self._model.stop_training = True
+        model.stop_training = True
         self._uninstall_handlers()
 
 

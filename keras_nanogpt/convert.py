@@ -18,7 +18,7 @@ import re
 import keras
 import numpy as np
 
-from keras_nanogpt import _files, data
+from keras_nanogpt import _files, _keras_internals, data
 from keras_nanogpt.model import NanoGPT
 
 # Hugging Face `activation_function` -> NanoGPT `activation`, and back.
@@ -89,7 +89,7 @@ def to_huggingface_gpt2(model, directory):
     _check_gpt2_layout(model)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a folder path; got {directory!r}.")
-    quantized = {layer.quantization_mode for layer in model._flatten_layers()} - {None}
+    quantized = {layer.quantization_mode for layer in _keras_internals.sublayers(model)} - {None}
     if quantized:
         raise ValueError(f"`model` is quantized ({', '.join(sorted(quantized))}); GPT-2 files hold float "
                          "weights: export the model from before `quantize`.")

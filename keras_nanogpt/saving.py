@@ -10,7 +10,6 @@ written atomically (a crash leaves the old preset or the new one).
 """
 
 import datetime
-import io
 import json
 import os
 import zipfile
@@ -18,7 +17,7 @@ import zlib
 
 import keras
 
-from keras_nanogpt import _files, backends, tokenizers
+from keras_nanogpt import _files, _keras_internals, backends, tokenizers
 from keras_nanogpt._version import __version__
 
 CONFIG_FILE = "config.json"
@@ -100,19 +99,9 @@ def load_model(filepath, **kwargs):
 
 def _weights_h5_bytes(model):
     """The `.weights.h5` file Keras's `save_weights` writes, made in memory (None where Keras lacks the
-    parts). Keras has no public API for an in-memory weights file: this is the one use of its private
-    `saving_lib`, tested against `keras.Model.save_weights` by tests/test_model.py."""
-    try:
-        from keras.src.saving import saving_lib
-
-        store = saving_lib.H5IOStore(io.BytesIO(), mode="w")
-        save_state = saving_lib._save_state
-    except (ImportError, AttributeError, TypeError):
-        return None
-    save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
-    buffer = store.path_or_io
-    store.close()
-    return buffer.getvalue()
+    parts): `_keras_internals.weights_h5_bytes`, tested against `keras.Model.save_weights` by
+    tests/test_model.py."""
+    return _keras_internals.weights_h5_bytes(model)
 
 
 def _check_target(filepath, suffix, overwrite):
@@ -208,11 +197,9 @@ def from_preset(preset):
 def _file(preset, name, optional=False):
     """The local path of `name` in `preset` (downloaded by keras-hub for a remote handle), or None."""
     if "://" in preset:
-        from keras_hub.src.utils import preset_utils
-
-        if optional and not preset_utils.check_file_exists(preset, name):
+        if optional and not _keras_internals.preset_file_exists(preset, name):
             return None
-        return preset_utils.get_file(preset, name)
+        return _keras_internals.preset_file(preset, name)
     path = os.path.join(preset, name)
     if not os.path.isfile(path):
         if optional:
