@@ -22,9 +22,10 @@ Checked against Keras 3.15.1 and keras-hub 0.32.0.
 | `weights_h5_bytes` | `keras.src.saving.saving_lib` (`H5IOStore`, `_save_state`) | saving |
 | `preset_file`, `preset_file_exists` | `keras_hub.src.utils.preset_utils` | saving (remote presets) |
 | `draw_seed` | `keras.src.random.seed_generator.draw_seed` | `_torch_keras_internals` (traceable draw) |
-
-Not yet moved here (training.py, owned elsewhere, overrides them; tested in tests/test_keras_internals.py):
-`BaseOptimizer._use_weight_decay`, `BaseOptimizer._apply_weight_decay`, `Muon._should_use_adamw`.
+| `MatrixWeightDecay` | `BaseOptimizer._use_weight_decay` (overridden) | optimizers (nanoGPT's AdamW, Muon) |
+| `WeightDecayStep` | `BaseOptimizer._apply_weight_decay` (overridden) | optimizers (Muon's decay) |
+| `uses_weight_decay` | `BaseOptimizer._use_weight_decay` | optimizers (Muon's decay) |
+| `muon_uses_adamw` | `Muon._should_use_adamw` | optimizers (Muon's decay) |
 """
 
 import io
@@ -170,3 +171,54 @@ def draw_seed(seed):
     from keras.src.random.seed_generator import draw_seed as keras_draw_seed
 
     return keras_draw_seed(seed)
+
+
+class MatrixWeightDecay:
+    """A mixin (before a Keras optimizer class): weight decay only on weights of two or more dimensions.
+
+    Needed: nanoGPT decays matrices and embeddings, never biases or norm scales, whatever their names. No
+    public API takes such a rule: `exclude_from_weight_decay` takes variables or names, fixed when it is
+    called, which a `.keras` file does not keep. Keras asks `BaseOptimizer._use_weight_decay(variable)` for
+    each variable; this mixin overrides it.
+
+    Example:
+        >>> class Decay(MatrixWeightDecay, keras.optimizers.AdamW): pass
+    """
+
+    def _use_weight_decay(self, variable):
+        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
+
+
+class WeightDecayStep:
+    """A mixin (before a Keras optimizer class): the optimizer's weight decay is its `decay_weights(variables)`.
+
+    Needed: Keras's Muon decays its AdamW weights at Muon's learning rate and reads the schedule once per
+    variable; the recipes decay them at AdamW's rate, reading the schedule once a step. Keras applies the
+    decay in `BaseOptimizer._apply_weight_decay(variables)` and no public hook replaces it; this mixin
+    overrides it and hands the variables to the optimizer's own `decay_weights`.
+
+    Example:
+        >>> class Decay(WeightDecayStep, keras.optimizers.Muon):
+        ...     def decay_weights(self, variables): pass
+    """
+
+    def _apply_weight_decay(self, variables):
+        self.decay_weights(variables)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether Keras would decay `variable` under `optimizer` (its weight decay set, the variable not excluded).
+
+    Needed: a `decay_weights` of `WeightDecayStep` must skip what Keras skips. No public API asks it:
+    Keras's rule is `BaseOptimizer._use_weight_decay`.
+    """
+    return optimizer._use_weight_decay(variable)
+
+
+def muon_uses_adamw(optimizer, variable):
+    """Whether Keras's Muon updates `variable` with its AdamW part (not Muon's orthogonalised momentum).
+
+    Needed: the recipes' Muon decays the AdamW weights at AdamW's rate. No public API says which part
+    updates a variable: Keras's rule is `Muon._should_use_adamw`.
+    """
+    return optimizer._should_use_adamw(variable)

@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_nanogpt import _validation, backends
+from keras_nanogpt import _keras_internals, _validation, backends
 
 DECAY_SHAPES = ("cosine", "linear")
 
@@ -66,7 +66,7 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
-class MatrixDecayAdamW(backends.adamw_class()):
+class MatrixDecayAdamW(_keras_internals.MatrixWeightDecay, backends.adamw_class()):
     """AdamW that decays only weights with two or more dimensions (kernels, embeddings), as nanoGPT does.
 
     Biases and LayerNorm scales/offsets (1-D) are never decayed. Takes the arguments of
@@ -75,9 +75,6 @@ class MatrixDecayAdamW(backends.adamw_class()):
     Example:
         >>> optimizer = MatrixDecayAdamW(learning_rate=1e-3, weight_decay=0.1)
     """
-
-    def _use_weight_decay(self, variable):
-        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
 
 
 def nanogpt_optimizer(total_steps, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
@@ -119,7 +116,8 @@ def nanogpt_optimizer(total_steps, learning_rate=1e-3, min_learning_rate=1e-4, w
 
 
 @keras.saving.register_keras_serializable(package="keras_nanogpt")
-class MatrixDecayMuon(keras.optimizers.Muon):
+class MatrixDecayMuon(_keras_internals.MatrixWeightDecay, _keras_internals.WeightDecayStep,
+                      keras.optimizers.Muon):
     """Keras's Muon with decoupled weight decay as AdamW has it: only on weights with two or more
     dimensions, and the AdamW weights' at AdamW's learning rate (Keras's Muon decays them at Muon's,
     `1 / adam_lr_ratio` times faster). The schedule is read once per step (Keras's: once per variable).
@@ -131,15 +129,13 @@ class MatrixDecayMuon(keras.optimizers.Muon):
         >>> optimizer = MatrixDecayMuon(learning_rate=0.02, exclude_layers=["head"])
     """
 
-    def _use_weight_decay(self, variable):
-        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
-
-    def _apply_weight_decay(self, variables):
+    def decay_weights(self, variables):
+        """Decay `variables` (Keras calls it once a step): AdamW's weights at AdamW's rate, the rest at Muon's."""
         learning_rate = self.learning_rate  # a schedule is evaluated here, once
         for variable in variables:
-            if not self._use_weight_decay(variable):
+            if not _keras_internals.uses_weight_decay(self, variable):
                 continue
-            if self._should_use_adamw(variable):
+            if _keras_internals.muon_uses_adamw(self, variable):
                 decay = self.adam_weight_decay * self.adam_lr_ratio
             else:
                 decay = self.weight_decay

@@ -23,8 +23,6 @@ INTERNALS = {"_keras_internals.py", "_torch_keras_internals.py"}
 PRIVATE_NAMES = ("_flatten_layers", "_kernel", "_untrack_variable", "_track_variables", "_distribute_strategy",
                  "_symbolic_build", "_compute_loss", "_loss_tracker", "_model", "_initial_epoch", "_save_state",
                  "_clip_gradients", "_use_weight_decay", "_apply_weight_decay", "_should_use_adamw")
-# Not yet moved: training.py (owned by another change) overrides these optimizer hooks; tested below.
-PENDING = {"training.py": {"_use_weight_decay", "_apply_weight_decay", "_should_use_adamw"}}
 torch_only = pytest.mark.skipif(BACKEND != "torch", reason="an item of Keras's PyTorch backend")
 
 
@@ -66,7 +64,6 @@ def test_no_private_keras_name_outside_the_internals_modules():
     found = {}
     for name, text in _sources().items():
         names = {match.group(1) or match.group(0) for match in pattern.finditer(text)}
-        names -= PENDING.get(name, set())
         if names and name not in INTERNALS:
             found[name] = sorted(names)
     assert not found
@@ -211,17 +208,46 @@ def test_draw_seed_gives_keras_seed_words():
     assert not np.array_equal(first, to_numpy(_keras_internals.draw_seed(ours)))  # the state advanced
 
 
-def test_optimizer_hooks_training_py_overrides():
-    """PENDING: training.py's optimizers override these (see PENDING above)."""
+def test_matrixweightdecay_skips_vectors_through_keras_hook():
+    class Decay(_keras_internals.MatrixWeightDecay, keras.optimizers.AdamW):
+        pass
+
+    optimizer = Decay(learning_rate=0.1, weight_decay=0.5)
+    matrix = keras.Variable(np.ones((2, 2), "float32"), name="kernel")
+    vector = keras.Variable(np.ones((2,), "float32"), name="bias")
+    assert _keras_internals.uses_weight_decay(optimizer, matrix)
+    assert not _keras_internals.uses_weight_decay(optimizer, vector)
+    optimizer.build([matrix, vector])
+    optimizer.apply([np.zeros((2, 2), "float32"), np.zeros((2,), "float32")], [matrix, vector])
+    assert to_numpy(matrix)[0, 0] < 1.0 and to_numpy(vector)[0] == 1.0  # decay reached the matrix only
+
+
+def test_weightdecaystep_replaces_keras_decay():
+    decayed = []
+
+    class Decay(_keras_internals.WeightDecayStep, keras.optimizers.AdamW):
+        def decay_weights(self, variables):
+            decayed.extend(variables)
+
+    variable = keras.Variable(np.ones((2, 2), "float32"))
+    optimizer = Decay(learning_rate=0.1, weight_decay=0.5)
+    optimizer.build([variable])
+    optimizer.apply([np.zeros((2, 2), "float32")], [variable])
+    assert decayed == [variable] and to_numpy(variable)[0, 0] == 1.0  # Keras's own decay did not run
+
+
+def test_uses_weight_decay_follows_keras_exclusions():
     adamw = keras.optimizers.AdamW(weight_decay=0.1)
     variable = keras.Variable(np.ones((2, 2), "float32"), name="kernel")
-    assert adamw._use_weight_decay(variable)
+    assert _keras_internals.uses_weight_decay(adamw, variable)
     adamw.exclude_from_weight_decay(var_names=["kernel"])
-    assert not adamw._use_weight_decay(variable)
-    assert "variables" in inspect.signature(keras.optimizers.Optimizer._apply_weight_decay).parameters
+    assert not _keras_internals.uses_weight_decay(adamw, variable)
+
+
+def test_muon_uses_adamw_on_vectors_and_muon_on_matrices():
     muon = keras.optimizers.Muon()
-    assert muon._should_use_adamw(keras.Variable(np.ones((3,), "float32")))  # 1-D: AdamW
-    assert not muon._should_use_adamw(keras.Variable(np.ones((3, 3), "float32")))
+    assert _keras_internals.muon_uses_adamw(muon, keras.Variable(np.ones((3,), "float32")))  # 1-D: AdamW
+    assert not _keras_internals.muon_uses_adamw(muon, keras.Variable(np.ones((3, 3), "float32")))
 
 
 # -- _torch_keras_internals -----------------------------------------------------------------------------
