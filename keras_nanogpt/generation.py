@@ -24,6 +24,7 @@ random, top-k or top-p sampling; `sampler=` takes any keras-hub sampler object o
 samplers run inside the loop above; search samplers (beam, contrastive) run their own keras-hub
 loop, compiled the same way, window by window (each starts afresh from the best row so far).
 """
+import collections
 import numbers
 
 import numpy as np
@@ -70,7 +71,7 @@ def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top
     Example:
         >>> generate(model, "It is a truth", max_new_tokens=20, top_k=40, seed=0)  # doctest: +SKIP
     """
-    job = _Job(model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop)
+    job = _Job(model, prompt, _Settings(max_new_tokens, temperature, top_k, top_p, sampler, seed, stop))
     for _ in job.run(stream=False):
         pass
     return job.result()
@@ -95,7 +96,7 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
         >>> for piece in stream(model, "It is a truth", max_new_tokens=50):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
     """
-    job = _Job(model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop)
+    job = _Job(model, prompt, _Settings(max_new_tokens, temperature, top_k, top_p, sampler, seed, stop))
     return Stream(job)
 
 
@@ -190,17 +191,20 @@ def _pieces(job):
         yield pieces[0] if job.kind == "text" else pieces
 
 
-class _Job:
-    """One generate/stream call: the checked arguments, the rows, and the host side of decoding."""
+# A generate/stream call's options besides the model and the prompt, as given (`_Job` checks them).
+_Settings = collections.namedtuple("_Settings", "max_new_tokens temperature top_k top_p sampler seed stop")
 
-    def __init__(self, model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop):
+
+class _Job:
+    """One generate/stream call: the checked arguments (a `_Settings`), the rows, and the host side of decoding."""
+
+    def __init__(self, model, prompt, settings):
         self.model = model
-        max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
-            max_new_tokens, temperature, top_k, top_p, sampler, seed)
+        max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(**settings._asdict())
         self.compiled = compiling.compiled_functions(model)
-        self.sampler, self.temperature = _sampler(self.compiled, sampler, temperature, top_k, top_p)
+        self.sampler, self.temperature = _sampler(self.compiled, settings.sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
-        self.stops = _stop_sequences(model, stop)
+        self.stops = _stop_sequences(model, settings.stop)
         self.batch = len(self.prompts)
         if isinstance(max_new_tokens, list) and len(max_new_tokens) != self.batch:
             raise ValueError(f"`max_new_tokens` holds {len(max_new_tokens)} numbers for {self.batch} "
