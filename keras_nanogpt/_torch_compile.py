@@ -16,7 +16,7 @@ probabilities) is instead:
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds and training; the cache index is a tensor input,
 so no token retraces. The sampler's draw (keras-hub's `get_next_token`) is a small traced graph of
-its own per sampler, with Keras's seeded categorical draw as one operator (`_seeded_categorical`):
+its own per sampler, with Keras's seeded categorical draw as one operator (`_torch_keras_internals.seeded_categorical`):
 a seed gives the same tokens on every path.
 
 When: as in the ski-rental problem, a step moves up (eager -> graph -> TorchInductor) once the time
@@ -34,6 +34,7 @@ import json
 import os
 import threading
 import time
+import typing
 import warnings
 
 import keras
@@ -41,7 +42,7 @@ import torch
 from keras import ops
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from keras_nanogpt import _files, _torch_keras_internals, _torch_tracing, _version
+from keras_nanogpt import _files, _torch_keras_internals, _torch_tracing, _version, decoding
 
 ENVIRONMENT_VARIABLE = "KERAS_NANOGPT_TORCH_COMPILE"
 MODES = ("auto", "always", "trace", "never")
@@ -154,6 +155,11 @@ class Decoder:
         parts: its `decoding.TokenStep`.
         steps: the model's dict of `_Step`s, shared by its samplers.
         on_compile: called once for each trace of a step (generation counts them as traces).
+
+    Example:
+        >>> parts = decoding.token_step(model, sampler)  # doctest: +SKIP
+        >>> decode = Decoder(model, sampler, parts, {}, lambda: None)  # doctest: +SKIP
+        >>> state = decode(state, rows, np.array(16, "int32"))  # doctest: +SKIP
     """
 
     def __init__(self, model, sampler, parts, steps, on_compile):
@@ -166,60 +172,64 @@ class Decoder:
         # samplers differ only in `get_next_token`, the draw).
         self.kind = (type(sampler).compute_probabilities, float(sampler.temperature))
 
-    def __call__(self, tokens, cache, index, end, lengths, limit, seeds, tail, done, stops,
-                 temperature, bias):
-        tokens, cache, lengths, limit, seeds, tail, done, stops, temperature, bias = keras.tree.map_structure(
-            ops.convert_to_tensor, (tokens, cache, lengths, limit, seeds, tail, done, stops, temperature, bias))
+    def __call__(self, state, rows, end):
+        """Decode from `state.index` until `end`, or until no row wants more.
+
+        Args:
+            state: a `decoding.DecodeState` (arrays or tensors; `index` an int or a scalar).
+            rows: a `decoding.Rows`.
+            end: the slot to stop before (an int or a scalar).
+
+        Returns:
+            The new `decoding.DecodeState`, its `index` a Python int.
+        """
+        index, end = int(state.index), int(end)
+        state, rows = keras.tree.map_structure(ops.convert_to_tensor, (state._replace(index=index), rows))
         mode = compile_mode()
-        index, end = int(index), int(end)
-        cache = [tensor for pair in cache for tensor in pair]  # keys, values, keys, ...
-        token = torch.zeros(tokens.shape[:1], dtype=torch.int32, device=tokens.device)
-        write = torch.tensor(False, device=tokens.device)
-        constants = (lengths, limit, tail, done, stops, temperature, bias)
-        signature = self._signature(tokens, cache, token, constants)
+        device = state.tokens.device
+        token = torch.zeros(state.tokens.shape[:1], dtype=torch.int32, device=device)
+        write = torch.tensor(False, device=device)
+        signature = self._signature(state, rows, token)
         step = self.steps.get(signature)
         if step is None:
             step = self.steps.setdefault(signature, _Step(self._digest(signature)))
-        last = min(end, int(limit.max()))  # this window's last slot that any row wants
+        last = min(end, int(rows.limit.max()))  # this window's last slot that any row wants
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
-            if tokens.device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
-                for tensor in weights + cache:
+            layout = _Layout(len(weights), 2 * len(state.cache))
+            if device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
+                for tensor in weights + _flat_cache(state.cache):
                     torch._dynamo.mark_static_address(tensor, guard=False)
             while True:
-                position = torch.tensor(index, dtype=torch.int32, device=tokens.device)
+                state = state._replace(index=torch.tensor(index, dtype=torch.int32, device=device))
                 target = step.next_level(mode, last - index)
                 if target:
-                    self._move_up(step, target, weights, tokens, cache, position, token, write, constants)
+                    self._move_up(step, target, _flatten(weights, state, rows, token, write), layout)
                 level = step.level()
                 if level == "eager":
                     start = time.perf_counter()
-                    tokens, pairs, tail, done, running, probabilities = self.parts.step(
-                        tokens, _pairs(cache), position, token, write, lengths, limit, tail, done,
-                        stops, temperature, bias)
-                    cache = [tensor for pair in pairs for tensor in pair]
+                    state, running, probabilities = self.parts.step(state, rows, token, write)
                 else:
                     function = step.function or step.graph
                     start = time.perf_counter()
                     tokens, tail, done, running, probabilities = function(
-                        *weights, tokens, *cache, position, token, write, lengths, limit, tail, done,
-                        stops, temperature, bias)
-                constants = (lengths, limit, tail, done, stops, temperature, bias)
+                        *_flatten(weights, state, rows, token, write))
+                    state = state._replace(tokens=tokens, tail=tail, done=done)
                 if not bool(running):
                     break
-                token, seeds = self._draw(level, probabilities, seeds)
+                token, seeds = self._draw(level, probabilities, state.seeds)
+                state = state._replace(seeds=seeds)
                 if level != "compiled":
                     if step.steps[level]:
                         step.seconds[level] += time.perf_counter() - start
                     step.steps[level] += 1
                 index += 1
                 if index >= end:  # the window's last token: written without running the model
-                    last_slot = torch.tensor(index - 1, dtype=torch.int32, device=tokens.device)
-                    tokens, tail, done = self.parts.commit(
-                        tokens, last_slot, token, lengths, limit, tail, done, stops)
+                    last_slot = torch.tensor(index - 1, dtype=torch.int32, device=device)
+                    state = self.parts.commit(state, rows, last_slot, token)
                     break
-                write = torch.tensor(True, device=tokens.device)
-        return tokens, _pairs(cache), index, seeds, tail, done
+                write = torch.tensor(True, device=device)
+        return state._replace(cache=_pairs(_flat_cache(state.cache)), index=index)
 
     def _draw(self, level, probabilities, seeds):
         """The sampler's tokens and new seed state: eagerly with an eager step, else as a traced graph."""
@@ -233,8 +243,11 @@ class Decoder:
         token, *seeds = draw(probabilities, *seeds)
         return token, seeds
 
-    def _signature(self, tokens, cache, token, constants):
-        tensors = [v.value for v in self.model.variables] + [tokens, *cache, token, *constants]
+    def _signature(self, state, rows, token):
+        """The step's kind and its inputs' shapes, dtypes and devices (all but the index and `write`)."""
+        constants = (rows.lengths, rows.limit, state.tail, state.done, rows.stops, rows.temperature, rows.bias)
+        tensors = [v.value for v in self.model.variables] + [state.tokens, *_flat_cache(state.cache), token,
+                                                             *constants]
         return self.kind, tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors)
 
     def _digest(self, signature):
@@ -246,21 +259,20 @@ class Decoder:
                      function.__qualname__, temperature, [(s, str(d), t) for s, d, t in shapes]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def _move_up(self, step, target, weights, tokens, cache, position, token, write, constants):
-        """Trace the step (`target` "graph") or compile it with TorchInductor ("compiled")."""
+    def _move_up(self, step, target, example, layout):
+        """Trace the step (`target` "graph") or compile it with TorchInductor ("compiled") for the
+        flat inputs `example` (`_flatten`'s, laid out as `layout` says)."""
         with step.lock:
             if step.level() in (target, "compiled"):
                 return
-            example = [*weights, tokens, *cache, position, token, write, *constants]
-            arguments = (self.model, self.parts.step, len(weights), len(cache), example)
             start = time.perf_counter()
             if target == "graph":
-                step.graph = _traced_step(*arguments)
+                step.graph = _traced_step(self.model, self.parts.step, layout, example)
                 _trace_seconds.append(time.perf_counter() - start)
                 self.on_compile()
                 return
             try:
-                step.function = _compiled_step(*arguments, step.graph)
+                step.function = _compiled_step(self.model, self.parts.step, layout, example, step.graph)
             except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was
                 step.failed = True
                 warnings.warn(f"Compiling the PyTorch decode step failed, so generation runs "
@@ -281,20 +293,51 @@ def _pairs(cache):
     return tuple(zip(cache[0::2], cache[1::2]))
 
 
-def _flat_step(model, step, num_weights, num_cache):
-    """`step` as a function of flat tensors: the weights, tokens, the cache's tensors (updated in
-    place), then the step's other arguments; returns `(tokens, tail, done, running, probabilities)`."""
+def _flat_cache(pairs):
+    return [tensor for pair in pairs for tensor in pair]  # keys, values, keys, ...
+
+
+class _Layout(typing.NamedTuple):
+    """How many of the traced step's flat inputs (`_flatten`'s) are weights, and how many the cache's tensors."""
+
+    num_weights: int
+    num_cache: int
+
+
+def _flatten(weights, state, rows, token, write):
+    """The step's arguments as the flat tensors its traced graph takes: the weights, the tokens, the
+    cache's tensors (keys, values, keys, ...), the index, the token to write, `write`, then
+    `lengths, limit, tail, done, stops, temperature, bias` (the state's seeds are not an input).
+
+    Example:
+        >>> tensors = _flatten(weights, state, rows, token, write)  # doctest: +SKIP
+    """
+    return [*weights, state.tokens, *_flat_cache(state.cache), state.index, token, write,
+            rows.lengths, rows.limit, state.tail, state.done, rows.stops, rows.temperature, rows.bias]
+
+
+def _unflatten(tensors, layout):
+    """`_flatten`'s inverse: `(weights, state, rows, token, write)`, the state with no seeds."""
+    weights, tokens = tensors[:layout.num_weights], tensors[layout.num_weights]
+    cache = tensors[layout.num_weights + 1:layout.num_weights + 1 + layout.num_cache]
+    index, token, write, lengths, limit, tail, done, stops, temperature, bias = (
+        tensors[layout.num_weights + 1 + layout.num_cache:])
+    state = decoding.DecodeState(tokens, _pairs(cache), index, (), tail, done)
+    return weights, state, decoding.Rows(lengths, limit, stops, temperature, bias), token, write
+
+
+def _flat_step(model, step, layout):
+    """`step` (`decoding.TokenStep.step`) as a function of `_flatten`'s flat tensors, the cache's
+    updated in place; returns `(tokens, tail, done, running, probabilities)`."""
     variables = model.variables
 
     def flat_step(*tensors):
-        weights, tokens = tensors[:num_weights], tensors[num_weights]
-        cache = tensors[num_weights + 1:num_weights + 1 + num_cache]
-        rest = tensors[num_weights + 1 + num_cache:]
+        weights, state, rows, token, write = _unflatten(tensors, layout)
         with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
-            tokens, pairs, tail, done, running, probabilities = step(tokens, _pairs(cache), *rest)
-        for old, new in zip(cache, [tensor for pair in pairs for tensor in pair]):
-            old.copy_(new)
-        return tokens, tail, done, running, probabilities
+            new, running, probabilities = step(state, rows, token, write)
+        for old, tensor in zip(_flat_cache(state.cache), _flat_cache(new.cache)):
+            old.copy_(tensor)
+        return new.tokens, new.tail, new.done, running, probabilities
 
     return flat_step
 
@@ -304,20 +347,21 @@ def _copies(example, num_weights):
     return [t if i < num_weights else t.clone() for i, t in enumerate(example)]
 
 
-def _traced_step(model, step, num_weights, num_cache, example):
+def _traced_step(model, step, layout, example):
     """`_flat_step` traced into a lean ATen graph."""
-    return _torch_tracing.trace(_flat_step(model, step, num_weights, num_cache), _copies(example, num_weights))
+    return _torch_tracing.trace(_flat_step(model, step, layout), _copies(example, layout.num_weights))
 
 
-def _compiled_step(model, step, num_weights, num_cache, example, graph=None):
+def _compiled_step(model, step, layout, example, graph=None):
     """`_flat_step` compiled by TorchInductor (from `graph`, where it was traced already)."""
     if example[0].device.type == "cuda":
         # CUDA graphs; the cache's buffers are static inputs (see `Decoder.__call__`).
-        for tensor in example[:num_weights] + example[num_weights + 1:num_weights + 1 + num_cache]:
+        first_cache = layout.num_weights + 1
+        for tensor in example[:layout.num_weights] + example[first_cache:first_cache + layout.num_cache]:
             torch._dynamo.mark_static_address(tensor, guard=False)
-    example = _copies(example, num_weights)
+    example = _copies(example, layout.num_weights)
     if graph is None:
-        graph = make_fx(_flat_step(model, step, num_weights, num_cache))(*example)
+        graph = make_fx(_flat_step(model, step, layout))(*example)
     return _torch_tracing.inductor(graph, example)
 
 

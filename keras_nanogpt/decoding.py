@@ -15,32 +15,92 @@ import keras
 from keras import ops
 
 
+class DecodeState(typing.NamedTuple):
+    """What the decode loop changes as it makes tokens: the window, its KV cache and the rows' progress.
+
+    A pytree (a named tuple): `ops.while_loop`, `jax.jit`, `tf.function` and the PyTorch decoder take
+    and return it whole. On the host (`generation._Window`) `index` is a Python int, `cache` None
+    until the first token step, and `tokens` a numpy array.
+
+    Args:
+        tokens: the window's token ids, `(batch, width)` int32; prompts left-aligned.
+        cache: the model's KV cache, one `(keys, values)` pair per layer (`NanoGPT.empty_cache`).
+        index: the next slot to write, an int32 scalar.
+        seeds: the sampler's seed generators' states, a list in `sampler.variables` order.
+        tail: each row's last new tokens, `(batch, stop length)` int32 (-1 before the first).
+        done: `(batch,)` bool, rows that met a stop sequence.
+
+    Example:
+        >>> state = DecodeState(tokens, model.empty_cache(2, 16), np.array(3, "int32"), seeds,
+        ...                     tail, done)  # doctest: +SKIP
+        >>> state = decode(state, rows, np.array(16, "int32"))  # doctest: +SKIP
+    """
+
+    tokens: typing.Any
+    cache: typing.Any
+    index: typing.Any
+    seeds: typing.Any
+    tail: typing.Any
+    done: typing.Any
+
+
+class Rows(typing.NamedTuple):
+    """What stays fixed while the decode loop runs over one window: each row's bounds, the stop
+    sequences and how the logits are shaped.
+
+    Args:
+        lengths: `(batch,)` int32, prompt tokens in the window (no new token is written below).
+        limit: `(batch,)` int32, the slot where each row has all the tokens it wants.
+        stops: `(stops, length)` int32, the stop sequences right-aligned, -1 matching anything.
+        temperature: a float32 scalar the logits are divided by.
+        bias: `(vocabulary,)` float32, added to the logits.
+
+    Example:
+        >>> import numpy as np
+        >>> rows = Rows(np.array([3, 5], "int32"), np.array([23, 25], "int32"),
+        ...             np.full((0, 1), -1, "int32"), np.array(1.0, "float32"),
+        ...             np.zeros((65,), "float32"))
+        >>> rows.limit - rows.lengths
+        array([20, 20], dtype=int32)
+    """
+
+    lengths: typing.Any
+    limit: typing.Any
+    stops: typing.Any
+    temperature: typing.Any
+    bias: typing.Any
+
+
 def decode_loop(model, sampler):
-    """The decode loop: from `index` until `end`, or until every row is done or met a stop.
+    """The decode loop: from `state.index` until `end`, or until every row is done or met a stop.
 
     Args:
         model: a `NanoGPT` (its `call_with_cache` runs at every step).
         sampler: a keras-hub token sampler.
 
     Returns:
-        `decode(tokens, cache, index, end, lengths, limit, seeds, tail, done, stops, temperature,
-        bias)` -> `(tokens, cache, index, seeds, tail, done)`, an `ops.while_loop`.
+        `decode(state, rows, end)` -> the new `DecodeState`, an `ops.while_loop`; `rows` is a `Rows`
+        and `end` an int32 scalar, the slot to stop before.
 
     Example:
         >>> loop = decode_loop(model, keras_hub.samplers.GreedySampler())  # doctest: +SKIP
+        >>> state = loop(state, rows, np.array(16, "int32"))  # doctest: +SKIP
     """
 
-    def decode(tokens, cache, index, end, lengths, limit, seeds, tail, done, stops, temperature, bias):
-        def cond(tokens, cache, index, seeds, tail, done):
-            return ops.logical_and(index < end, _running(index, limit, done))
+    def decode(state, rows, end):
+        # `ops.while_loop` hands the loop's variables over as separate arguments, in field order.
+        def cond(*fields):
+            state = DecodeState(*fields)
+            return ops.logical_and(state.index < end, _running(state, rows))
 
-        def body(tokens, cache, index, seeds, tail, done):
-            logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
-            token, seeds = _sample(sampler, logits, seeds)
-            tokens, tail, done = _commit(tokens, index, token, lengths, limit, tail, done, stops)
-            return tokens, cache, index + 1, seeds, tail, done
+        def body(*fields):
+            state = DecodeState(*fields)
+            logits, cache = _next_logits(model, state, rows)
+            token, seeds = _sample(sampler, logits, state.seeds)
+            state = _commit(state._replace(cache=cache, seeds=seeds), rows, state.index, token)
+            return state._replace(index=state.index + 1)
 
-        return ops.while_loop(cond, body, (tokens, cache, index, seeds, tail, done))
+        return DecodeState(*ops.while_loop(cond, body, state))
 
     return decode
 
@@ -48,12 +108,16 @@ def decode_loop(model, sampler):
 class TokenStep(typing.NamedTuple):
     """The decode loop's body as parts, for a backend that compiles one token's step (PyTorch).
 
-    `step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias)`
-    writes `token` at slot `index - 1` where `write` (a boolean scalar) holds and the row's prompt
-    has no token there, runs the model on slot `index - 1`, and returns `(tokens, cache, tail, done,
-    running, probabilities)`: `running`, whether some row still wants slot `index`, and the
-    sampler's probabilities for it. `draw(probabilities, seeds)` gives `(tokens, seeds)`; `commit`
-    is `_commit`.
+    `step(state, rows, token, write)` writes `token` at slot `state.index - 1` where `write` (a
+    boolean scalar) holds and the row's prompt has no token there, runs the model on slot
+    `state.index - 1`, and returns `(state, running, probabilities)`: the `DecodeState` with new
+    tokens, cache, tail and done (its `seeds` untouched: the step does not read them), `running`,
+    whether some row still wants slot `state.index`, and the sampler's probabilities for it.
+    `draw(probabilities, seeds)` gives `(tokens, seeds)`; `commit` is `_commit`.
+
+    Example:
+        >>> parts = token_step(model, keras_hub.samplers.GreedySampler())  # doctest: +SKIP
+        >>> state, running, probabilities = parts.step(state, rows, token, write)  # doctest: +SKIP
     """
 
     step: typing.Callable
@@ -72,39 +136,41 @@ def token_step(model, sampler):
         >>> parts = token_step(model, keras_hub.samplers.GreedySampler())  # doctest: +SKIP
     """
 
-    def step(tokens, cache, index, token, write, lengths, limit, tail, done, stops, temperature, bias):
-        tokens, tail, done = _commit(tokens, index - 1, token, lengths, limit, tail, done, stops, write)
-        logits, cache = _next_logits(model, tokens, cache, index, temperature, bias)
+    def step(state, rows, token, write):
+        state = _commit(state, rows, state.index - 1, token, write)
+        logits, cache = _next_logits(model, state, rows)
         probabilities = sampler.compute_probabilities(logits)
-        return tokens, cache, tail, done, _running(index, limit, done), probabilities
+        return state._replace(cache=cache), _running(state, rows), probabilities
 
     return TokenStep(step, lambda probabilities, seeds: _draw(sampler, probabilities, seeds), _commit)
 
 
-def _next_logits(model, tokens, cache, index, temperature, bias):
-    """The logits for slot `index` (divided by `temperature`, plus `bias`): the model run on each row's
-    token at `index - 1`, which also goes into the cache. Returns `(logits, cache)`."""
-    fed = ops.take(tokens, ops.reshape(index - 1, (1,)), axis=1)  # (batch, 1)
-    logits, _, cache = model.call_with_cache(fed, cache, index - 1)
-    return logits[:, 0] / temperature + bias, cache
+def _next_logits(model, state, rows):
+    """The logits for slot `state.index` (divided by the temperature, plus the bias): the model run on
+    each row's token at `index - 1`, which also goes into the cache. Returns `(logits, cache)`."""
+    fed = ops.take(state.tokens, ops.reshape(state.index - 1, (1,)), axis=1)  # (batch, 1)
+    logits, _, cache = model.call_with_cache(fed, state.cache, state.index - 1)
+    return logits[:, 0] / rows.temperature + rows.bias, cache
 
 
-def _commit(tokens, index, token, lengths, limit, tail, done, stops, write=None):
-    """Write `token` at slot `index` in the rows whose prompt has no token there (and where `write`),
-    and mark the rows whose new tokens now end with a stop sequence. Returns `(tokens, tail, done)`."""
-    generated = index >= lengths  # (batch,) False where the prompt has a token here
+def _commit(state, rows, slot, token, write=None):
+    """Write `token` at slot `slot` in the rows whose prompt has no token there (and where `write`),
+    and mark the rows whose new tokens now end with a stop sequence. Returns the `DecodeState` with
+    new `tokens`, `tail` and `done`."""
+    tokens, tail, done = state.tokens, state.tail, state.done
+    generated = slot >= rows.lengths  # (batch,) False where the prompt has a token here
     if write is not None:
         generated = ops.logical_and(generated, write)
-    token = ops.where(generated, token, ops.take(tokens, index, axis=1))
-    tokens = ops.slice_update(tokens, [0, index], token[:, None])
-    if ops.shape(stops)[0] > 0:
-        tail, done = _match_stops(tail, done, token, ops.logical_and(generated, index < limit), stops)
-    return tokens, tail, done
+    token = ops.where(generated, token, ops.take(tokens, slot, axis=1))
+    tokens = ops.slice_update(tokens, [0, slot], token[:, None])
+    if ops.shape(rows.stops)[0] > 0:
+        tail, done = _match_stops(tail, done, token, ops.logical_and(generated, slot < rows.limit), rows.stops)
+    return state._replace(tokens=tokens, tail=tail, done=done)
 
 
-def _running(index, limit, done):
-    """Whether some row has not met a stop and still wants a token at slot `index`."""
-    return ops.logical_not(ops.all(ops.logical_or(done, index >= limit)))
+def _running(state, rows):
+    """Whether some row has not met a stop and still wants a token at slot `state.index`."""
+    return ops.logical_not(ops.all(ops.logical_or(state.done, state.index >= rows.limit)))
 
 
 def _sample(sampler, logits, seeds):

@@ -24,6 +24,7 @@ random, top-k or top-p sampling; `sampler=` takes any keras-hub sampler object o
 samplers run inside the loop above; search samplers (beam, contrastive) run their own keras-hub
 loop, compiled the same way, window by window (each starts afresh from the best row so far).
 """
+import collections
 import numbers
 
 import numpy as np
@@ -70,7 +71,7 @@ def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top
     Example:
         >>> generate(model, "It is a truth", max_new_tokens=20, top_k=40, seed=0)  # doctest: +SKIP
     """
-    job = _Job(model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop)
+    job = _Job(model, prompt, _Settings(max_new_tokens, temperature, top_k, top_p, sampler, seed, stop))
     for _ in job.run(stream=False):
         pass
     return job.result()
@@ -95,7 +96,7 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
         >>> for piece in stream(model, "It is a truth", max_new_tokens=50):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
     """
-    job = _Job(model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop)
+    job = _Job(model, prompt, _Settings(max_new_tokens, temperature, top_k, top_p, sampler, seed, stop))
     return Stream(job)
 
 
@@ -190,17 +191,20 @@ def _pieces(job):
         yield pieces[0] if job.kind == "text" else pieces
 
 
-class _Job:
-    """One generate/stream call: the checked arguments, the rows, and the host side of decoding."""
+# A generate/stream call's options besides the model and the prompt, as given (`_Job` checks them).
+_Settings = collections.namedtuple("_Settings", "max_new_tokens temperature top_k top_p sampler seed stop")
 
-    def __init__(self, model, prompt, max_new_tokens, temperature, top_k, top_p, sampler, seed, stop):
+
+class _Job:
+    """One generate/stream call: the checked arguments (a `_Settings`), the rows, and the host side of decoding."""
+
+    def __init__(self, model, prompt, settings):
         self.model = model
-        max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(
-            max_new_tokens, temperature, top_k, top_p, sampler, seed)
+        max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(**settings._asdict())
         self.compiled = compiling.compiled_functions(model)
-        self.sampler, self.temperature = _sampler(self.compiled, sampler, temperature, top_k, top_p)
+        self.sampler, self.temperature = _sampler(self.compiled, settings.sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
-        self.stops = _stop_sequences(model, stop)
+        self.stops = _stop_sequences(model, settings.stop)
         self.batch = len(self.prompts)
         if isinstance(max_new_tokens, list) and len(max_new_tokens) != self.batch:
             raise ValueError(f"`max_new_tokens` holds {len(max_new_tokens)} numbers for {self.batch} "
@@ -216,7 +220,7 @@ class _Job:
             return
         window = _Window(self)
         while True:
-            start = window.index
+            start = window.state.index
             window.advance(stream)
             self._collect(window, start)
             yield
@@ -227,15 +231,16 @@ class _Job:
                 window.slide()
 
     def _collect(self, window, start):
-        """Take the new tokens at window slots `start..window.index` and cut rows at their stops."""
+        """Take the new tokens at window slots `start..window.state.index` and cut rows at their stops."""
+        state, rows = window.state, window.rows
         for row in range(self.batch):
             if self.stopped[row]:
                 continue
             ids = self.new_ids[row]
             before = len(ids)
-            first = max(start, int(window.lengths[row]))
-            last = max(first, min(window.index, int(window.limit[row])))  # limit < 0 once a row is done
-            ids.extend(int(t) for t in window.tokens[row, first:last])
+            first = max(start, int(rows.lengths[row]))
+            last = max(first, min(state.index, int(rows.limit[row])))  # limit < 0 once a row is done
+            ids.extend(int(t) for t in state.tokens[row, first:last])
             stop_at = _first_stop(ids, self.stops, before)
             if stop_at is not None:
                 del ids[stop_at:]
@@ -268,81 +273,77 @@ class _Job:
 
 
 class _Window:
-    """The token window on the host and the decode state on the device, for one job."""
+    """The token window on the host and the decode state on the device, for one job: `state` (a `DecodeState`,
+    its cache None until the first token step) changes as tokens come, `rows` (a `Rows`) when the window slides."""
 
     def __init__(self, job):
         self.job = job
         context = job.model.sequence_length
-        rows = [ids[-context:] for ids in job.prompts]
-        self.lengths = np.array([len(ids) for ids in rows], "int32")  # prompt tokens in the window
-        self.limit = self.lengths + job.limits                       # where each row has all it needs
+        prompts = [ids[-context:] for ids in job.prompts]
+        lengths = np.array([len(ids) for ids in prompts], "int32")  # prompt tokens in the window
+        limit = lengths + job.limits                                 # where each row has all it needs
         self.search = not _is_token_sampler(job.sampler)
         # The cache has `slots` positions; the window holds one token more (the newest token is
         # never fed back), except with search samplers, whose look-ahead feeds every slot.
-        self.slots = min(context, _bucket(int(self.limit.max())))
+        self.slots = min(context, _bucket(int(limit.max())))
         self.width = self.slots if self.search else self.slots + 1
         self.keep = max(1, context // 2)
-        self.tokens = np.zeros((job.batch, self.width), "int32")
-        for row, ids in enumerate(rows):
-            self.tokens[row, :len(ids)] = ids
-        self.index = int(self.lengths.min())  # the next slot to write
-        self.cache = None
-        self.bias = _logit_bias(job)
+        tokens = np.zeros((job.batch, self.width), "int32")
+        for row, ids in enumerate(prompts):
+            tokens[row, :len(ids)] = ids
         seeds = [np.asarray(ops.convert_to_numpy(v.value)) for v in job.sampler.variables]
         if job.seed is not None:  # the same seed, the same draws: restart the sampler's generators
             seeds = [np.array([job.seed & 0x7FFFFFFF, i], s.dtype) for i, s in enumerate(seeds)]
-        self.seeds = seeds
         length = max([len(stop) for stop in job.stops], default=1)
-        self.stops = np.full((len(job.stops), length), -1, "int32")  # right-aligned; -1 matches all
+        stops = np.full((len(job.stops), length), -1, "int32")  # right-aligned; -1 matches all
         for i, stop in enumerate(job.stops):
-            self.stops[i, length - len(stop):] = stop
-        self.tail = np.full((job.batch, length), -1, "int32")  # each row's last new tokens
-        self.done = np.zeros((job.batch,), bool)              # rows that met a stop sequence
+            stops[i, length - len(stop):] = stop
+        self.rows = decoding.Rows(lengths=lengths, limit=limit, stops=stops,
+                                  temperature=np.array(job.temperature, "float32"), bias=_logit_bias(job))
+        tail = np.full((job.batch, length), -1, "int32")  # each row's last new tokens; done: met a stop
+        self.state = decoding.DecodeState(tokens=tokens, cache=None, index=int(lengths.min()), seeds=seeds,
+                                          tail=tail, done=np.zeros((job.batch,), bool))
 
     @property
     def full(self):
-        return self.index == self.width
+        return self.state.index == self.width
 
     def advance(self, stream):
-        """Run the compiled decode from `index` to the window's end (one token when streaming)."""
+        """Run the compiled decode from `state.index` to the window's end (one token when streaming)."""
         compiled, job = self.job.compiled, self.job
         if self.search:
             self._search()
             return
-        if self.cache is None:
-            self.cache = job.model.empty_cache(job.batch, self.slots)
+        if self.state.cache is None:
+            self.state = self.state._replace(cache=job.model.empty_cache(job.batch, self.slots))
             self._prefill()
-        end = self.index + 1 if stream else self.width
-        outputs = compiled.decode(job.sampler)(**dict(
-            tokens=self.tokens, cache=self.cache, index=np.array(self.index, "int32"),
-            end=np.array(end, "int32"), lengths=self.lengths, limit=self.limit, seeds=self.seeds,
-            tail=self.tail, done=self.done, stops=self.stops,
-            temperature=np.array(job.temperature, "float32"), bias=self.bias))
-        tokens, self.cache, index, self.seeds, self.tail, self.done = outputs
-        for variable, value in zip(job.sampler.variables, self.seeds):
+        end = self.state.index + 1 if stream else self.width
+        state = compiled.decode(job.sampler)(
+            self.state._replace(index=np.array(self.state.index, "int32")), self.rows, np.array(end, "int32"))
+        for variable, value in zip(job.sampler.variables, state.seeds):
             variable.assign(value)  # without a seed, the next call draws on from here
-        self.tokens = np.asarray(ops.convert_to_numpy(tokens))
-        self.index = int(ops.convert_to_numpy(index))
+        self.state = state._replace(tokens=np.asarray(ops.convert_to_numpy(state.tokens)),
+                                    index=int(ops.convert_to_numpy(state.index)))
 
     def slide(self):
         """Keep the window's last `keep` tokens at slots 0.., to be prefilled again."""
         shift = self.width - self.keep
-        self.tokens = np.concatenate(
-            [self.tokens[:, shift:], np.zeros((self.job.batch, shift), "int32")], axis=1)
-        self.lengths = np.maximum(self.lengths - shift, 0)
-        self.limit = self.limit - shift
-        self.index = self.keep
-        if self.cache is not None:
+        tokens = np.concatenate(
+            [self.state.tokens[:, shift:], np.zeros((self.job.batch, shift), "int32")], axis=1)
+        self.rows = self.rows._replace(lengths=np.maximum(self.rows.lengths - shift, 0),
+                                       limit=self.rows.limit - shift)
+        self.state = self.state._replace(tokens=tokens, index=self.keep)
+        if self.state.cache is not None:
             self._prefill()
 
     def _prefill(self):
         """Fill the cache at the window's first `index - 1` positions (rounded up to a power of two)."""
-        if self.index <= 1:
+        if self.state.index <= 1:
             return
         model = self.job.model
-        length = min(self.slots, _bucket(self.index - 1))
+        length = min(self.slots, _bucket(self.state.index - 1))
         prefill = self.job.compiled.function("prefill", lambda: lambda t, c: model.call_with_cache(t, c, 0)[2])
-        self.cache = prefill(self.tokens[:, :length], self.cache)
+        self.state = self.state._replace(cache=prefill(self.state.tokens[:, :length], self.state.cache))
 
     def _search(self):
         """Run the search sampler over the whole window."""
@@ -352,9 +353,8 @@ class _Window:
         stop_ids = tuple(sorted(stop[0] for stop in job.stops if len(stop) == 1)) or None
         search = job.compiled.function(("search", job.sampler, stop_ids),
                                        lambda: decoding.search_loop(job.model, job.sampler, stop_ids))
-        tokens = search(self.tokens, self.lengths, np.array(self.index, "int32"), self.bias)
-        self.tokens = np.asarray(ops.convert_to_numpy(tokens))
-        self.index = self.width
+        tokens = search(self.state.tokens, self.rows.lengths, np.array(self.state.index, "int32"), self.rows.bias)
+        self.state = self.state._replace(tokens=np.asarray(ops.convert_to_numpy(tokens)), index=self.width)
 
 
 def _first_stop(ids, stops, since=0):

@@ -19,6 +19,8 @@ from starlette.routing import Route
 
 from keras_nanogpt import _validation, backends
 from keras_nanogpt.serve import batching, page
+from keras_nanogpt.serve.events import (AcceptedEvent, ClosedEvent, DoneEvent, FailedEvent, FinishEvent,
+                                        RefusedEvent, TextEvent)
 from keras_nanogpt.serve.requests import APIError, completion_params, parse_json, read_body, unknown_model
 
 logger = logging.getLogger(__name__)
@@ -176,11 +178,12 @@ class _Service:
         except batching.Closed as error:
             raise APIError(503, str(error), kind="server_error") from None
         answer = (await queue.get())[0]
-        if answer[0] == "refused":
-            raise APIError(400, answer[1], param=answer[2])
-        if answer[0] != "accepted":
-            raise APIError(503 if answer[0] == "closed" else 500, answer[1], kind="server_error")
-        completion = _Completion(self.name, params, prompt_tokens=sum(answer[1]), warnings=answer[2])
+        if isinstance(answer, RefusedEvent):
+            raise APIError(400, answer.message, param=answer.param)
+        if not isinstance(answer, AcceptedEvent):  # a ClosedEvent or FailedEvent
+            raise APIError(503 if isinstance(answer, ClosedEvent) else 500, answer.message, kind="server_error")
+        completion = _Completion(self.name, params, prompt_tokens=sum(answer.prompt_tokens),
+                                 warnings=answer.warnings)
         if params["stream"]:
             return StreamingResponse(completion.stream(queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -211,15 +214,15 @@ class _Completion:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     def _take(self, event):
-        """Record a "text" or "finish" event; return an APIError for "closed"/"failed", else None."""
-        kind = event[0]
-        if kind == "text":
-            self.texts[event[1]] += event[2]
-        elif kind == "finish":
-            self.reasons[event[1]] = event[2]
-            self.completion_tokens += event[3]
-        elif kind in ("closed", "failed"):
-            return APIError(503 if kind == "closed" else 500, event[1], kind="server_error")
+        """Record a `TextEvent` or `FinishEvent`; return an APIError for a `ClosedEvent` or
+        `FailedEvent`, else None."""
+        if isinstance(event, TextEvent):
+            self.texts[event.choice] += event.text
+        elif isinstance(event, FinishEvent):
+            self.reasons[event.choice] = event.reason
+            self.completion_tokens += event.tokens
+        elif isinstance(event, (ClosedEvent, FailedEvent)):
+            return APIError(503 if isinstance(event, ClosedEvent) else 500, event.message, kind="server_error")
         return None
 
     async def collect(self, queue):
@@ -228,7 +231,7 @@ class _Completion:
             for event in await queue.get():
                 if (error := self._take(event)) is not None:
                     return error
-                if event[0] == "done":
+                if isinstance(event, DoneEvent):
                     choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
                                for i, (text, reason) in enumerate(zip(self.texts, self.reasons))]
                     body = {**self.head, "choices": choices, "usage": self.usage()}
@@ -251,13 +254,13 @@ class _Completion:
                         out.append(_event(error.body()))
                         yield b"".join(out)
                         return
-                    if event[0] == "text":
-                        out.append(self._chunk(event[1], event[2], None, first))
+                    if isinstance(event, TextEvent):
+                        out.append(self._chunk(event.choice, event.text, None, first))
                         first = {}
-                    elif event[0] == "finish":
-                        out.append(self._chunk(event[1], "", event[2], first))
+                    elif isinstance(event, FinishEvent):
+                        out.append(self._chunk(event.choice, "", event.reason, first))
                         first = {}
-                    elif event[0] == "done":
+                    elif isinstance(event, DoneEvent):
                         if self.include_usage:
                             out.append(_event({**self.head, "choices": [], "usage": self.usage()}))
                         out.append(b"data: [DONE]\n\n")
@@ -280,7 +283,12 @@ def _event(body):
 
 
 async def _until_disconnect(request, awaitable, job):
-    """Await `awaitable`, cancelling `job` (and returning None) if the client disconnects first."""
+    """`awaitable`'s result; if the client disconnects first, `job` is cancelled and the result is an
+    `APIError` (499, "The client closed the request."), which the caller answers with.
+
+    Example:
+        >>> result = await _until_disconnect(request, completion.collect(queue), job)  # doctest: +SKIP
+    """
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass

@@ -18,11 +18,10 @@ it through `generation.stream`, handing every request its pieces as they are mad
   and the batch goes on with the others; the batch ends when its last live row does.
 - At most `max_queue` requests wait outside a batch; `submit` raises `QueueFull` beyond that.
 
-Events reach a request through its `deliver` callable, called on the decode thread with a list of
-tuples, in this order: `("accepted", prompt_tokens, warnings)` or `("refused", message, param)`;
-then `("text", choice, piece)` and `("finish", choice, reason, tokens)` per choice (`reason` is
-"stop" or "length"); then `("done",)`. `("closed", message)` (the server is shutting down) or
-`("failed", message)` (an unexpected error) may end a request at any point instead.
+Events (`keras_nanogpt.serve.events`) reach a request through its `deliver` callable, called on the
+decode thread with a list of them, in this order: `AcceptedEvent` or `RefusedEvent`; then
+`TextEvent`s and one `FinishEvent` per choice; then `DoneEvent`. `ClosedEvent` (the server is
+shutting down) or `FailedEvent` (an unexpected error) may end a request at any point instead.
 """
 
 import collections
@@ -32,6 +31,8 @@ import threading
 import warnings
 
 from keras_nanogpt import generation, tokenizers
+from keras_nanogpt.serve.events import (AcceptedEvent, ClosedEvent, DoneEvent, FailedEvent, FinishEvent,
+                                        RefusedEvent, TextEvent)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Batcher:
             self._condition.notify()
 
     def close(self, message="The server is shutting down."):
-        """End every request with a `("closed", message)` event and let the decode thread stop."""
+        """End every request with a `ClosedEvent(message)` and let the decode thread stop."""
         with self._condition:
             if self._closing is None:
                 self._closing = message
@@ -183,7 +184,7 @@ class Batcher:
                 except Exception as error:  # noqa: BLE001 -- one bad batch must not stop the server
                     logger.exception("decoding a batch failed")
                     for request in batch:
-                        request.deliver([("failed", f"Generation failed: {type(error).__name__}: {error}")])
+                        request.deliver([FailedEvent(f"Generation failed: {type(error).__name__}: {error}")])
                 finally:
                     self._running = []
         finally:
@@ -196,7 +197,7 @@ class Batcher:
             self._queued = 0
             message = self._closing or "The server stopped."
         for request in [*self._waiting, *inbox]:
-            request.deliver([("closed", message)])
+            request.deliver([ClosedEvent(message)])
         self._waiting = []
 
     def _next_batch(self):
@@ -226,27 +227,29 @@ class Batcher:
                 return self._take()
 
     def _admit(self):
-        """Check the prompts of newly submitted requests; answer each with "accepted" or "refused"."""
+        """Check the prompts of newly submitted requests; answer each with an `AcceptedEvent` or another
+        answer (`RefusedEvent`, `FailedEvent`)."""
         with self._condition:
             new, self._inbox = list(self._inbox), collections.deque()
         refused = 0
         for request in new:
             answer = self._check(request)
             request.deliver([answer])
-            if answer[0] == "accepted":
+            if isinstance(answer, AcceptedEvent):
                 self._waiting.append(request)
             else:
                 refused += 1
         self._dequeue(refused)
 
     def _check(self, request):
+        """The answer to `request`: an `AcceptedEvent`, a `RefusedEvent` or a `FailedEvent`."""
         try:
             return self._check_prompts(request)
         except (ValueError, TypeError) as error:  # e.g. a character a vocabulary without [UNK] lacks
-            return ("refused", " ".join(str(error).split()), "prompt")
+            return RefusedEvent(" ".join(str(error).split()), "prompt")
         except Exception as error:  # noqa: BLE001 -- answered, so that its client does not wait forever
             logger.exception("checking a request failed")
-            return ("failed", f"Checking the request failed: {type(error).__name__}: {error}")
+            return FailedEvent(f"Checking the request failed: {type(error).__name__}: {error}")
 
     def _check_prompts(self, request):
         vectorizer = self.model.vectorizer
@@ -257,13 +260,13 @@ class Batcher:
                 name = "prompt" if len(request.prompts) == 1 else f"prompt[{index}]"
                 ids = tokenizers.prompt_ids(vectorizer, prompt, name)
                 if ids.size > self.max_prompt_tokens:
-                    return ("refused", f"`{name}` is {ids.size} tokens long; this server takes at most "
-                                       f"{self.max_prompt_tokens} (its --max-prompt-tokens).", "prompt")
+                    return RefusedEvent(f"`{name}` is {ids.size} tokens long; this server takes at most "
+                                        f"{self.max_prompt_tokens} (its --max-prompt-tokens).", "prompt")
                 counts.append(int(ids.size))
         messages = [str(w.message) for w in caught]
         for message in messages:
             logger.warning("%s", message)
-        return ("accepted", counts, messages)
+        return AcceptedEvent(counts, messages)
 
     def _drop_cancelled(self):
         kept = [r for r in self._waiting if not r.cancelled]
@@ -318,9 +321,9 @@ class Batcher:
             live = self._hand_out(stream, rows, live, pieces, remaining)
             if self._closing is not None:
                 for request in {rows[row][0] for row in live}:
-                    request.deliver([("closed", self._closing)])
+                    request.deliver([ClosedEvent(self._closing)])
                 return
-            self._admit()  # requests that came meanwhile hear "accepted" or "refused" now
+            self._admit()  # requests that came meanwhile get their answer now
             if not live:
                 return
         self._hand_out(stream, rows, live, None, remaining)  # rows that ended without a last piece
@@ -337,15 +340,15 @@ class Batcher:
                 stream.cancel(row)
                 continue
             if pieces is not None and pieces[row]:
-                events[request].append(("text", choice, pieces[row]))
+                events[request].append(TextEvent(choice, pieces[row]))
             reason = stream.finish_reason(row)
             if reason is None:
                 still.append(row)
                 continue
-            events[request].append(("finish", choice, reason, stream.token_count(row)))
+            events[request].append(FinishEvent(choice, reason, stream.token_count(row)))
             remaining[request] -= 1
             if remaining[request] == 0:
-                events[request].append(("done",))
+                events[request].append(DoneEvent())
         for request, request_events in events.items():
             request.deliver(request_events)
         return still
