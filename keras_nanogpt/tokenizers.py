@@ -400,17 +400,18 @@ class Tokenizer:
         return cls.from_config(_files.read_json(path, "path"))
 
     @classmethod
-    def for_corpus(cls, name, chunks=None, max_tokens=None, sample_characters=SAMPLE_CHARACTERS):
+    def for_corpus(cls, name, chunks=None, vocabulary=None, max_tokens=None, sample_characters=SAMPLE_CHARACTERS):
         """The tokenizer `--tokenizer NAME` means, with `<|endoftext|>` to separate documents.
 
         Args:
-            name: "char" (vocabulary learned from `chunks` in one streaming pass, or given as a list of
-                characters in `chunks`), "byte" (257 ids), "gpt2" (GPT-2's BPE through tiktoken; its file
+            name: "char" (vocabulary learned from `chunks` in one streaming pass, or given as
+                `vocabulary`), "byte" (257 ids), "gpt2" (GPT-2's BPE through tiktoken; its file
                 is downloaded on first use), "word" / "wordpiece" / "sentencepiece" (learned from the
                 first `sample_characters` characters of `chunks`), a `tiktoken.Encoding` with GPT-2's
                 pattern, a `Tokenizer`, or the path of a `.keras` model (that model's own tokenizer,
                 any level, as it is: its `end_of_text_id` may be None).
             chunks: an iterable of str (or one str) to learn a vocabulary from.
+            vocabulary: "char" only: the characters (e.g. from `learn_char_vocabulary`), instead of `chunks`.
             max_tokens: vocabulary size to learn (char: the most frequent characters; reserved ids included).
             sample_characters: how much of `chunks` the learned levels (word, wordpiece,
                 sentencepiece) read.
@@ -428,24 +429,24 @@ class Tokenizer:
             raise TypeError(f"`name` must be a tokenizer name {CORPUS_TOKENIZERS}, a .keras path or a "
                             f"tiktoken.Encoding; got {name!r}.")
         name = os.fspath(name)
-        if name.endswith(".keras") or os.path.isfile(name):
-            return cls._of_model_file(name)
-        if name == "gpt2":
-            return cls._gpt2()
+        if vocabulary is not None and name != "char":
+            raise ValueError(f"`vocabulary` is for name='char' only; got name={name!r}.")
         if name not in CORPUS_TOKENIZERS:
+            if name.endswith(".keras") or os.path.isfile(name):
+                return cls._of_model_file(name)
             raise ValueError(f"`name` must be one of {CORPUS_TOKENIZERS}, a .keras model path or a "
                              f"tiktoken.Encoding; got {name!r}.")
+        if name == "gpt2":
+            return cls._gpt2()
         if name == "byte":
             layer = make_vectorizer(level="byte")
+        elif name == "char" and vocabulary is not None:
+            layer = _fixed_text_vectorization("char", list(_RESERVED["char"]) + list(vocabulary))
         elif chunks is None:
             raise ValueError(f"Tokenizer.for_corpus({name!r}) learns its vocabulary: pass `chunks` (the text, "
-                             f"as an iterable of str).")
+                             f"as an iterable of str)" + (" or `vocabulary`." if name == "char" else "."))
         elif name == "char":
-            if isinstance(chunks, (list, tuple)) and chunks and all(
-                    isinstance(c, str) and len(c) == 1 for c in chunks) and len(set(chunks)) == len(chunks):
-                characters = list(chunks)[:None if max_tokens is None else max_tokens - 2]
-            else:
-                characters = learn_char_vocabulary(chunks, max_tokens=max_tokens)
+            characters = learn_char_vocabulary(chunks, max_tokens=max_tokens)
             layer = _text_vectorization("char", vocabulary=list(_RESERVED["char"]) + characters)
         else:
             layer = make_vectorizer(_sample(chunks, sample_characters), level=name, max_tokens=max_tokens)
@@ -540,12 +541,13 @@ def learn_bpe(text, vocabulary_size):
 
     Args:
         text: a str or an iterable of str.
-        vocabulary_size: ids in all, `<|endoftext|>` included (>= 258).
+        vocabulary_size: ids in all, `<|endoftext|>` included (>= 258); fewer when the text runs out of
+            pairs seen twice.
 
     Example:
-        >>> tokenizer = learn_bpe("low lower lowest " * 50, 270)
-        >>> tokenizer.size, tokenizer.end_of_text_id, len(tokenizer.encode(" lowest"))
-        (270, 269, 1)
+        >>> tokenizer = learn_bpe("low lower lowest " * 50, 260)
+        >>> tokenizer.size, tokenizer.end_of_text_id, tokenizer.decode(tokenizer.encode(" lowest"))
+        (260, 259, ' lowest')
     """
     import tempfile
 

@@ -295,7 +295,9 @@ def test_learn_char_vocabulary_streams_chunks(small_text):
     tokenizer = Tokenizer.for_corpus("char", iter([small_text[:10000], small_text[10000:]]))
     assert tokenizer.size == len(characters) + 3 and tokenizer.end_of_text_id == len(characters) + 2
     assert tokenizer.decode(tokenizer.encode(small_text)) == small_text
-    assert Tokenizer.for_corpus("char", characters) == tokenizer  # a given vocabulary
+    assert Tokenizer.for_corpus("char", vocabulary=characters) == tokenizer  # a given vocabulary
+    with pytest.raises(ValueError, match="single characters"):
+        Tokenizer.for_corpus("char", vocabulary=["ab"])
 
 
 def test_corpus_tokenizer_names(small_text, learned_bpe, monkeypatch):
