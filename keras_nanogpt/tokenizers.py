@@ -441,6 +441,9 @@ class Tokenizer:
         if name == "byte":
             layer = make_vectorizer(level="byte")
         elif name == "char" and vocabulary is not None:
+            if not isinstance(vocabulary, (list, tuple)) or not all(
+                    isinstance(c, str) and len(c) == 1 for c in vocabulary):
+                raise ValueError(f"`vocabulary` must be a list of single characters; got {vocabulary!r:.100}.")
             layer = _fixed_text_vectorization("char", list(_RESERVED["char"]) + list(vocabulary))
         elif chunks is None:
             raise ValueError(f"Tokenizer.for_corpus({name!r}) learns its vocabulary: pass `chunks` (the text, "
