@@ -386,3 +386,22 @@ def test_old_tokenizer_functions_are_deprecated_shims(name, vectorizers):
         assert callable(function)
     with pytest.warns(DeprecationWarning):
         assert kn.data.decode(vectorizers["char"], kn.data.encode(vectorizers["char"], "It is")) == "It is"
+
+
+@pytest.mark.parametrize("level", ["char", "word", "byte", "bpe"])
+def test_encode_batch_equals_encode(vectorizers, learned_bpe, small_text, level):
+    tokenizer = learned_bpe if level == "bpe" else Tokenizer(vectorizers[level])
+    texts = [small_text[:700], "", "It is 中 12345\n\n\n\nx", small_text[700:1500]]
+    batch = tokenizer.encode_batch(texts)
+    assert [ids.dtype for ids in batch] == [np.int32] * 4
+    for ids, text in zip(batch, texts):
+        np.testing.assert_array_equal(ids, tokenizer.encode(text))
+
+
+def test_a_model_file_without_a_tokenizer_is_refused(tmp_path):
+    model = kn.NanoGPT(10, 8, num_layers=1, num_heads=1, hidden_dim=8)
+    model.save(str(tmp_path / "bare.keras"))
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        Tokenizer.for_corpus(str(tmp_path / "bare.keras"))
+    with pytest.raises(FileNotFoundError, match="missing.keras"):
+        Tokenizer.for_corpus(str(tmp_path / "missing.keras"))
