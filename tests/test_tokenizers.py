@@ -232,7 +232,7 @@ def test_char_fast_encoding_equals_the_layer(vectorizers, small_text, monkeypatc
     expected = to_numpy(vectorizers["char"]([text]))[0]
     np.testing.assert_array_equal(tokenizer.encode(text), expected)
     assert (expected == 1).sum() >= 3  # the out-of-vocabulary id
-    monkeypatch.setattr(kn.tokenizers, "_DENSE_TABLE_LIMIT", 0)  # the sorted-search path
+    monkeypatch.setattr(kn._tokenizer_encoders, "_DENSE_TABLE_LIMIT", 0)  # the sorted-search path
     layer = kn.data.make_vectorizer(level="char", vocabulary=vectorizers["char"].get_vocabulary())
     np.testing.assert_array_equal(Tokenizer(layer).encode(text), expected)
     chars = sorted(set(SHAKESPEARE_SAMPLE))  # no out-of-vocabulary id: an error names the character
