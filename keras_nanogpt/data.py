@@ -12,10 +12,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_nanogpt import _validation, tokenizers
-# The tokenizer names kn.data has always had; they live in keras_nanogpt.tokenizers.
-from keras_nanogpt.tokenizers import (  # noqa: F401
-    DEFAULT_MAX_TOKENS, LEVELS, decode, encode, make_vectorizer, vectorizer_from_config, vectorizer_to_config,
-    vocabulary_size, warn_unknown)
+# The tokenizer names kn.data documents; they live in keras_nanogpt.tokenizers. Its old tokenizer functions
+# (encode, decode, vocabulary_size, warn_unknown, vectorizer_to_config, vectorizer_from_config) are
+# deprecated shims, served by `__getattr__` below.
+from keras_nanogpt.tokenizers import DEFAULT_MAX_TOKENS, LEVELS, make_vectorizer  # noqa: F401
 
 KNOWN_TEXTS = {
     "pride_and_prejudice": (
@@ -92,7 +92,10 @@ def load_text(name_or_path, encoding="utf-8", errors="strict"):
 
 
 def clean_text(text):
-    """Drop a BOM and a Project Gutenberg header/footer, and turn CRLF/CR line endings into LF.
+    """Drop a BOM and Project Gutenberg headers/footers, and turn CRLF/CR line endings into LF.
+
+    A file of several Gutenberg books keeps every book: the text between each START marker and the
+    END marker after it, books separated by a blank line (the licences and headers between them go).
 
     Args:
         text: the raw text.
@@ -102,16 +105,30 @@ def clean_text(text):
         'hi\\nthere\\n'
     """
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[:end.start()]
-    if start or end:
-        text = _PRODUCED_BY.sub("", text.strip())
-        text = _END_OF_EBOOK.sub("", text).strip() + "\n"
-    return text
+    starts = list(_GUTENBERG_START.finditer(text))
+    ends = list(_GUTENBERG_END.finditer(text))
+    if not starts and not ends:
+        return text
+    if not starts:
+        return _book(text[:ends[0].start()])
+    books = []
+    for index, start in enumerate(starts):
+        limit = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+        end = next((e.start() for e in ends if start.end() <= e.start() < limit), limit)
+        books.append(_book(text[start.end():end]))
+    return "\n".join(book for book in books if book.strip()) or "\n"
+
+
+def _book(text):
+    """One book's text without its "Produced by" credit and "End of Project Gutenberg" line."""
+    text = _PRODUCED_BY.sub("", text.strip())
+    return _END_OF_EBOOK.sub("", text).strip() + "\n"
+
+
+def __getattr__(name):
+    if name == "check_vectorizer":  # never kn.data's
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return tokenizers.deprecated(__name__, name)
 
 
 def _download(name):

@@ -42,7 +42,7 @@ class NanoGPT(keras.Model):
         norm: "layer" (LayerNorm) or "rms" (RMSNorm), in every block and at the end.
         zero_init_residual: start the residual output projections at zero (each block the identity).
         logit_softcap: squash the logits into (-cap, cap) as `cap * tanh(logits / cap)`, or None.
-        vectorizer: optional adapted tokenizer from `kn.data.make_vectorizer`; it is saved in the
+        vectorizer: optional tokenizer (`kn.data.make_vectorizer`'s layer or a `Tokenizer`); saved in the
             `.keras` file and lets `generate` take and return text.
 
     Example:
@@ -57,11 +57,12 @@ class NanoGPT(keras.Model):
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
                  norm="layer", zero_init_residual=False, logit_softcap=None, **kwargs):
         arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
-        vectorizer = tokenizers.check_vectorizer(vectorizer, arguments["vocabulary_size"])
+        size = arguments["vocabulary_size"]
+        tokenizer = None if vectorizer is None else tokenizers.Tokenizer(vectorizer).check_size(size)
         super().__init__(**kwargs)
         for name, value in arguments.items():
             setattr(self, name, value)
-        self._vectorizer_holder = tokenizers.Untracked(vectorizer)
+        self._tokenizer_holder = tokenizers.Untracked(tokenizer)
 
         initializer = keras.initializers.RandomNormal(stddev=0.02)
         residual_initializer = ("zeros" if self.zero_init_residual else
@@ -113,10 +114,10 @@ class NanoGPT(keras.Model):
         _validation.check_choice("name", name, CONFIGS)
         return cls(vocabulary_size=vocabulary_size, **{**CONFIGS[name], **overrides})
 
-    @property
-    def vectorizer(self):
-        """The tokenizer saved with the model (a `TextVectorization` or keras-hub tokenizer), or None."""
-        return self._vectorizer_holder.value
+    tokenizer = property(lambda self: self._tokenizer_holder.value,
+                         doc="The model's `kn.tokenizers.Tokenizer` (special tokens included), or None.")
+    vectorizer = property(lambda self: None if self.tokenizer is None else self.tokenizer.layer,
+                          doc="The tokenizer's Keras layer (`TextVectorization` or keras-hub), or None.")
 
     def call(self, token_ids, training=None):
         x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
@@ -290,9 +291,8 @@ class NanoGPT(keras.Model):
         return saving.from_preset(preset)
 
     def get_config(self):
-        vectorizer = self.vectorizer
         return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
-                "vectorizer": None if vectorizer is None else tokenizers.vectorizer_to_config(vectorizer),
+                "vectorizer": None if self.tokenizer is None else self.tokenizer.get_config(),
                 **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
 
     @classmethod

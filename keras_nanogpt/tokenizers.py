@@ -1,268 +1,145 @@
-"""Tokenizers: `make_vectorizer` makes one for each level, `Tokenizer` is the one small type over them all.
+"""Tokenizers: `Tokenizer` is the one type, over every level; `make_vectorizer` makes the Keras layer it wraps.
 
 `make_vectorizer` returns the Keras layer (`TextVectorization`, `StringLookup` or a keras-hub tokenizer) that
-`NanoGPT(vectorizer=...)` holds and saves; `Tokenizer(layer)` gives any of them one interface. `prompt_ids`
-turns prompt text into checked ids for generation, scoring and the server. TensorFlow is used here
-(`TextVectorization` runs as an input pipeline under every backend).
+`NanoGPT(vectorizer=...)` holds; `Tokenizer(layer)` encodes and decodes for every level, fast enough for corpora,
+adds special tokens (`<|endoftext|>`, chat turns) and carries the config the `.keras` file saves.
+`Tokenizer.for_corpus(name)` makes the tokenizers `keras-nanogpt prepare --tokenizer NAME` names. `prompt_ids`
+turns prompt text into checked ids for generation, scoring and the server. Behind the type:
+`_tokenizer_layers.py` (the Keras layers of each level) and `_tokenizer_encoders.py` (the fast encoders).
 """
 
-import base64
-import io
+import hashlib
 import json
 import os
 import warnings
-import weakref
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_nanogpt import _files, _validation
+from keras_nanogpt import _files, _tokenizer_encoders, _validation
+from keras_nanogpt._tokenizer_encoders import END_OF_TEXT, GPT2_PATTERN, base_of, bad_config  # noqa: F401
+from keras_nanogpt._tokenizer_layers import (_RESERVED, DEFAULT_MAX_TOKENS, LEVELS,  # noqa: F401
+                                             _fixed_text_vectorization, _text_vectorization,
+                                             learn_char_vocabulary, make_vectorizer)
 
-LEVELS = ("char", "word", "wordpiece", "sentencepiece", "byte", "bpe")
-DEFAULT_MAX_TOKENS = {"wordpiece": 2048, "sentencepiece": 2048}
-# (padding token, out-of-vocabulary token) of the vocabularies that have them.
-_RESERVED = {"char": ("", "[UNK]"), "word": ("", "[UNK]"), "wordpiece": ("[PAD]", "[UNK]"),
-             "sentencepiece": ("<pad>", "<unk>")}
-_BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # GPT-2's document separator: never split
-_UNKNOWN_CHAR = "\ufffd"
-# layer -> what a Tokenizer looks up once (`decode` runs per streamed token); an entry goes with its layer.
-_LOOKED_UP = weakref.WeakKeyDictionary()
-
-
-def make_vectorizer(text=None, level="char", max_tokens=None, vocabulary=None, merges=None):
-    """A tokenizer for `text`: learned from it, or built from a given vocabulary.
-
-    Levels:
-        "char": every character is a token; `decode` gives the text back exactly.
-        "word": lower-cased words, punctuation dropped (the classic Keras setting).
-        "wordpiece": keras-hub's WordPiece vocabulary learned from the text (case kept; words and
-            punctuation come back separated by single spaces). Default 2048 tokens.
-        "sentencepiece": a SentencePiece unigram model trained on the text with identity
-            normalisation, newlines kept and byte fallback, so the round trip is exact and no
-            character is out of vocabulary. Default 2048 tokens (fewer when the text is small).
-        "byte": the 256 UTF-8 byte values (keras-hub's `ByteTokenizer`); nothing to learn, nothing
-            out of vocabulary.
-        "bpe": GPT-2's byte-level BPE from a `vocab.json` + `merges.txt` pair (keras-hub's
-            `BytePairTokenizer`); `text` may be None. The vocabulary should hold all 256 byte
-            symbols, as GPT-2's does.
-
-    Char, word, wordpiece and sentencepiece vocabularies reserve id 0 for padding and id 1 for
-    out-of-vocabulary tokens; byte and bpe have neither.
-
-    Args:
-        text: the training text. Not needed (and ignored) when `vocabulary` is given or for "byte".
-        level: one of `LEVELS`.
-        max_tokens: vocabulary size to learn (reserved ids included); None keeps every char/word,
-            and gives 2048 for wordpiece/sentencepiece. Only when learning from `text`.
-        vocabulary: use this vocabulary instead of learning one. "char"/"word": a list of tokens,
-            ids are positions; it begins with "" and "[UNK]" for padding and out-of-vocabulary ids
-            (as `get_vocabulary()` does), except that a char list without them has no reserved ids
-            at all (nanoGPT's meta.pkl vocabularies; an unknown character is then an error).
-            "wordpiece": a list of tokens holding "[UNK]", or a vocab.txt path. "sentencepiece":
-            a serialized model proto (bytes) or a `.model` path. "bpe": a token -> id dict or a
-            `vocab.json` path.
-        merges: "bpe" only: a list of merge rules ("a b") or a `merges.txt` path.
-
-    Returns:
-        A `keras.layers.TextVectorization` ("char", "word"), a `keras.layers.StringLookup` (a char
-        list without reserved ids) or a keras-hub tokenizer.
-
-    Example:
-        >>> vectorizer = make_vectorizer("hello world", level="char")
-        >>> decode(vectorizer, encode(vectorizer, "hold"))
-        'hold'
-        >>> decode(make_vectorizer(level="byte"), [104, 105])
-        'hi'
-    """
-    _validation.check_choice("level", level, LEVELS)
-    if merges is not None and level != "bpe":
-        raise ValueError(f"`merges` is for level='bpe' only; got level={level!r}.")
-    if level == "bpe" and (vocabulary is None or merges is None):
-        raise ValueError("level='bpe' needs `vocabulary` (vocab.json: token -> id) and `merges` "
-                         "(merges.txt); a BPE vocabulary is not learned from text here.")
-    learning = vocabulary is None and level != "byte"
-    if max_tokens is not None:
-        if not learning:
-            raise ValueError(f"`max_tokens` sets the size of a vocabulary learned from `text`; "
-                             f"level={level!r} with the given vocabulary takes none (got {max_tokens}).")
-        _validation.check_int("max_tokens", max_tokens, minimum=3)
-    if level == "byte":
-        if vocabulary is not None:
-            raise ValueError("level='byte' has a fixed vocabulary of 256 bytes; got `vocabulary`.")
-        return _hub().ByteTokenizer(lowercase=False)
-    if learning:
-        _validation.check_text(text)
-        return _learn_vectorizer(text, level, max_tokens)
-    if level in ("char", "word"):
-        return _fixed_text_vectorization(level, vocabulary)
-    if level == "wordpiece":
-        return _word_piece(_files.read_lines(vocabulary, "vocabulary"))
-    if level == "sentencepiece":
-        return _sentence_piece(_files.read_bytes(vocabulary, "vocabulary"))
-    if isinstance(vocabulary, (str, os.PathLike)):
-        vocabulary = _files.read_json(vocabulary, "vocabulary")
-    return _byte_pair(vocabulary, _files.read_lines(merges, "merges"))
-
-
-def _learn_vectorizer(text, level, max_tokens):
-    chunks = [text[i:i + 65536] for i in range(0, len(text), 65536)]
-    if level in ("char", "word"):
-        vectorizer = _text_vectorization(level, max_tokens=max_tokens)
-        vectorizer.adapt(tf.data.Dataset.from_tensor_slices(chunks).batch(64))
-        return vectorizer
-    size = max_tokens or DEFAULT_MAX_TOKENS[level]
-    if level == "wordpiece":
-        return _word_piece(_hub().compute_word_piece_vocabulary(
-            tf.data.Dataset.from_tensor_slices(chunks), size, reserved_tokens=list(_RESERVED[level])))
-    return _sentence_piece(_train_sentence_piece(text, size))
-
-
-def _train_sentence_piece(text, vocabulary_size):
-    """A serialized SentencePiece unigram model whose `decode(encode(text)) == text` for any text."""
-    import sentencepiece
-
-    proto = io.BytesIO()
-    try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=proto,
-            vocab_size=vocabulary_size, hard_vocab_limit=False, model_type="unigram",
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            user_defined_symbols=["\n"], character_coverage=1.0, byte_fallback=True,
-            max_sentence_length=1 << 16, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, minloglevel=2)
-    except RuntimeError as error:  # sentencepiece reports a too-small vocabulary this way
-        raise ValueError(f"Could not train a sentencepiece vocabulary of max_tokens={vocabulary_size} "
-                         f"on this text: {error}") from None
-    return proto.getvalue()
-
-
-def _text_vectorization(level, max_tokens=None, vocabulary=None):
-    if level == "char":
-        return keras.layers.TextVectorization(
-            max_tokens=max_tokens, standardize=None, split="character", output_mode="int",
-            vocabulary=vocabulary)
-    return keras.layers.TextVectorization(
-        max_tokens=max_tokens, standardize="lower_and_strip_punctuation", split="whitespace",
-        output_mode="int", vocabulary=vocabulary)
-
-
-def _fixed_text_vectorization(level, vocabulary):
-    if not isinstance(vocabulary, (list, tuple)) or not all(isinstance(t, str) for t in vocabulary):
-        raise TypeError(f"`vocabulary` for level={level!r} must be a list of strings; "
-                        f"got {type(vocabulary).__name__}.")
-    vocabulary = list(vocabulary)
-    if len(set(vocabulary)) != len(vocabulary):
-        raise ValueError(f"`vocabulary` for level={level!r} repeats tokens.")
-    reserved = list(_RESERVED[level])
-    if vocabulary[:2] == reserved and len(vocabulary) > 2:
-        return _text_vectorization(level, vocabulary=vocabulary)
-    if level == "word":
-        raise ValueError(f"`vocabulary` for level='word' must begin with {reserved} (padding and "
-                         f"out-of-vocabulary), as get_vocabulary() gives it; got {vocabulary[:2]!r}.")
-    if not vocabulary or any(len(t) != 1 for t in vocabulary):
-        raise ValueError("`vocabulary` for level='char' must be single characters (or begin with "
-                         f"{reserved}); got {[t for t in vocabulary if len(t) != 1][:5]!r}.")
-    return keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=0, mask_token=None)
-
-
-def _word_piece(vocabulary):
-    if _RESERVED["wordpiece"][1] not in vocabulary:
-        raise ValueError(f"A wordpiece `vocabulary` must hold the out-of-vocabulary token "
-                         f"{_RESERVED['wordpiece'][1]!r}.")
-    return _hub().WordPieceTokenizer(vocabulary=vocabulary, oov_token=_RESERVED["wordpiece"][1])
-
-
-def _sentence_piece(proto):
-    try:
-        return _hub().SentencePieceTokenizer(proto=proto)
-    except Exception as error:  # sentencepiece raises several kinds for a bad proto
-        raise ValueError(f"`vocabulary` is not a valid sentencepiece model proto: {error}") from None
-
-
-def _byte_pair(vocabulary, merges):
-    if not isinstance(vocabulary, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) for k, v in vocabulary.items()):
-        raise TypeError("`vocabulary` for level='bpe' must map token strings to integer ids.")
-    merges = [m for m in merges if m.strip() and not m.startswith("#version")]
-    if not merges or any(not isinstance(m, str) or len(m.split(" ")) != 2 for m in merges):
-        raise ValueError("`merges` for level='bpe' must be one or more rules 'a b' (merges.txt lines).")
-    special = [t for t in _BPE_SPECIAL_TOKENS if t in vocabulary]
-    return _hub().BytePairTokenizer(vocabulary=vocabulary, merges=merges, unsplittable_tokens=special)
-
-
-def _hub():
-    """keras_hub.tokenizers, imported on first use (it adds about a second to `import keras_nanogpt`)."""
-    import keras_hub
-
-    return keras_hub.tokenizers
+CORPUS_TOKENIZERS = ("char", "byte", "gpt2", "word", "wordpiece", "sentencepiece")
+SAMPLE_CHARACTERS = 10_000_000  # what the learned levels read of a corpus in Tokenizer.for_corpus
 
 
 class Tokenizer:
-    """One interface over the layers `make_vectorizer` gives: encode, decode, size, config, save and load.
+    """The one tokenizer type: encode, decode, size, special tokens, config and fingerprint of any level.
+
+    Wraps the Keras layer that `make_vectorizer` returns (and `NanoGPT(vectorizer=...)` holds) or a
+    config from `get_config`. Encoding is fast enough for corpora: a numpy lookup for characters and
+    bytes, tiktoken (or an exact pure-Python fallback) for BPE. Special tokens (`<|endoftext|>`, chat
+    turn tokens) get ids after the base vocabulary; encoding plain text never yields them.
 
     Args:
-        layer: a `keras.layers.TextVectorization`, a `keras.layers.StringLookup` or a keras-hub
-            tokenizer, as `make_vectorizer` returns and `model.vectorizer` holds.
+        layer_or_config: a tokenizer layer from `make_vectorizer`, a `get_config()` dict, or a
+            `Tokenizer` (copied, so `special_tokens` can be added).
+        special_tokens: names of special tokens to add (ids appended in this order); names the
+            vocabulary already holds (BPE's `<|endoftext|>`) keep their ids.
 
     Example:
-        >>> tokenizer = Tokenizer(make_vectorizer("hello world"))
+        >>> tokenizer = Tokenizer(make_vectorizer("hello world"), special_tokens=["<|endoftext|>"])
         >>> tokenizer.decode(tokenizer.encode("hold"))
         'hold'
-        >>> tokenizer.level, tokenizer.size
-        ('char', 10)
+        >>> tokenizer.level, tokenizer.size, tokenizer.end_of_text_id
+        ('char', 11, 10)
     """
 
-    def __init__(self, layer):
-        self.layer = layer
-        looked_up = _LOOKED_UP.get(layer) if isinstance(layer, keras.layers.Layer) else None
-        if looked_up is None:
-            looked_up = _look_up(layer)  # a TypeError naming `vectorizer` for anything else
-            _LOOKED_UP[layer] = looked_up
-        self.level, self._tokens, self._token_array, self._reserved = looked_up
+    def __init__(self, layer_or_config, special_tokens=None):
+        if isinstance(layer_or_config, Tokenizer):
+            base, added = layer_or_config._base, list(layer_or_config._added)
+        elif isinstance(layer_or_config, dict):
+            base, added = _tokenizer_encoders.base_from_config(layer_or_config)
+        elif layer_or_config is None:
+            raise TypeError("`layer_or_config` must be a tokenizer layer from make_vectorizer, a Tokenizer or "
+                            "a get_config() dict; got None.")
+        else:
+            base, added = base_of(layer_or_config), []
+        if isinstance(special_tokens, str):
+            special_tokens = [special_tokens]
+        for name in special_tokens or ():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"`special_tokens` must be non-empty strings; got {name!r}.")
+            if name not in base.specials and name not in added:
+                added.append(name)
+        self._base, self._added = base, tuple(added)
+        self._special = {**base.specials, **{name: base.size + i for i, name in enumerate(self._added)}}
+        self._fingerprint = None
+
+    @property
+    def level(self):
+        """The level: one of `LEVELS`."""
+        return self._base.level
 
     @property
     def size(self):
-        """Number of ids the tokenizer produces (padding and out-of-vocabulary included)."""
-        return len(self._tokens) if self._tokens is not None else int(self.layer.vocabulary_size())
+        """Number of ids: the base vocabulary (padding and out-of-vocabulary included) plus added special tokens."""
+        return self._base.size + len(self._added)
+
+    @property
+    def layer(self):
+        """The Keras layer `NanoGPT(vectorizer=...)` holds (`model.vectorizer`)."""
+        return self._base.layer
+
+    @property
+    def special_tokens(self):
+        """Special token name -> id (the vocabulary's own, such as GPT-2's `<|endoftext|>`, and added ones)."""
+        return dict(self._special)
+
+    @property
+    def end_of_text_id(self):
+        """The id of `<|endoftext|>` (the document separator), or None when this tokenizer has none."""
+        return self._special.get(END_OF_TEXT)
+
+    def with_special_tokens(self, names):
+        """A new Tokenizer with the special tokens `names` added (ids appended after the current ones).
+
+        Example:
+            >>> Tokenizer.for_corpus("byte").with_special_tokens(["<|user|>"]).special_tokens
+            {'<|endoftext|>': 256, '<|user|>': 257}
+        """
+        return Tokenizer(self, special_tokens=names)
 
     def encode(self, text):
-        """Token ids of `text` as a 1-D int32 numpy array."""
+        """Token ids of `text` as a 1-D int32 numpy array (never a special token's id)."""
         if not isinstance(text, str):
             raise TypeError(f"`text` must be a str; got {type(text).__name__}.")
         if not text:
             return np.zeros((0,), dtype="int32")
-        layer = self.layer
-        if isinstance(layer, keras.layers.TextVectorization):
-            ids = layer(tf.constant([text]))
-        elif isinstance(layer, keras.layers.StringLookup):
-            unknown = sorted(set(text) - set(self._tokens))
-            if unknown:
-                raise ValueError(f"`text` holds characters outside this vocabulary, which has no "
-                                 f"out-of-vocabulary id: {unknown[:10]!r}.")
-            ids = layer(tf.strings.unicode_split(text, "UTF-8"))
-        else:
-            ids = layer(text)
-        return np.asarray(keras.ops.convert_to_numpy(ids), dtype="int32").reshape(-1)
+        return self._base.encode(text)
+
+    def encode_batch(self, texts):
+        """`[encode(text) for text in texts]`, on several threads for BPE (tiktoken)."""
+        texts = list(texts)
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"`texts` must hold str; got {type(text).__name__}.")
+        return self._base.encode_batch(texts)
 
     def decode(self, ids):
-        """Text of token ids (padding dropped; an unknown id reads as U+FFFD at char level, [UNK] at word level).
-
-        Byte and BPE ids that stop inside a multi-byte character decode that character as U+FFFD.
+        """Text of token ids: padding dropped, special ids read as their names; an unknown id reads as
+        U+FFFD at char level, [UNK] at word level. Byte and BPE ids that stop inside a multi-byte
+        character decode that character as U+FFFD.
         """
         ids = _validation.check_ids("ids", np.asarray(ids, dtype="int64").reshape(-1), self.size)
-        padding, _ = self._reserved
-        if padding is not None:
-            ids = ids[ids != padding]
-        if self._token_array is not None:
-            return ("" if self.level == "char" else " ").join(self._token_array[ids])
-        text = self.layer.detokenize(ids.astype("int32"))
-        if isinstance(text, tf.Tensor):
-            text = text.numpy()
-        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        base_size = self._base.size
+        if not self._added or not np.any(ids >= base_size):
+            return self._base.decode(ids)
+        parts, start = [], 0
+        for index in np.flatnonzero(ids >= base_size):
+            if index > start:
+                parts.append(self._base.decode(ids[start:index]))
+            parts.append(self._added[ids[index] - base_size])
+            start = index + 1
+        if start < len(ids):
+            parts.append(self._base.decode(ids[start:]))
+        return (" " if self.level == "word" else "").join(parts)
 
     def warn_unknown(self, text, ids, stacklevel=2):
         """Warn when `text` holds tokens the tokenizer cannot represent (out-of-vocabulary or dropped)."""
-        _, unknown_id = self._reserved
+        unknown_id = self._base.unknown_id
         if unknown_id is not None and np.any(ids == unknown_id):
             unknown = sorted({c for c in text if self.level == "char" and self.encode(c)[0] == unknown_id})
             detail = f": {unknown[:10]!r}" if unknown else ""
@@ -272,34 +149,61 @@ class Tokenizer:
             warnings.warn("The prompt holds characters this BPE vocabulary cannot spell (it lacks some "
                           "byte symbols); they were dropped.", stacklevel=stacklevel + 1)
 
+    def check_size(self, vocabulary_size):
+        """Return self, or raise when the tokenizer has more ids than a model's `vocabulary_size`."""
+        if self.size > vocabulary_size:
+            raise ValueError(f"`vectorizer` has {self.size} tokens but `vocabulary_size` is {vocabulary_size}; "
+                             f"pass vocabulary_size >= {self.size}.")
+        return self
+
     def get_config(self):
-        """A JSON-ready dict that `from_config` turns back into the same tokenizer."""
-        if self.level == "byte":
-            return {"level": self.level}
-        if self.level == "sentencepiece":
-            return {"level": self.level, "vocabulary": base64.b64encode(self.layer.proto).decode("ascii")}
-        if self.level == "bpe":
-            return {"level": self.level,
-                    "vocabulary": {str(k): int(v) for k, v in self.layer.vocabulary.items()},
-                    "merges": [str(m) for m in self.layer.merges]}
-        return {"level": self.level, "vocabulary": list(self._tokens)}
+        """A JSON-ready dict that `from_config` turns back into the same tokenizer (special tokens included)."""
+        config = dict(self._base.config())
+        if self._added:
+            config["special_tokens"] = list(self._added)
+        return config
 
     @classmethod
     def from_config(cls, config):
         """The tokenizer described by `get_config`'s dict (vocabularies only, never file paths)."""
-        expected = {"byte": (), "bpe": ("vocabulary", "merges")}
-        level = config.get("level") if isinstance(config, dict) else None
-        keys = expected.get(level, ("vocabulary",))
-        kinds = {"sentencepiece": str, "bpe": dict}
-        if (level not in LEVELS or set(config) != {"level", *keys}
-                or (keys and not isinstance(config["vocabulary"], kinds.get(level, list)))
-                or (level == "bpe" and not isinstance(config["merges"], list))):
-            raise ValueError(f"`vectorizer` config must be a dict with a `level` in {LEVELS} and that "
-                             f"level's vocabulary data; got {config!r:.200}.")
-        arguments = {key: config[key] for key in keys}
-        if level == "sentencepiece":
-            arguments["vocabulary"] = base64.b64decode(config["vocabulary"])
-        return cls(make_vectorizer(level=level, **arguments))
+        return cls(config if isinstance(config, dict) else bad_config(config))
+
+    def fingerprint(self):
+        """A short stable hash of `get_config()`: equal for tokenizers that encode and decode alike.
+
+        Example:
+            >>> Tokenizer.for_corpus("byte").fingerprint() == Tokenizer.for_corpus("byte").fingerprint()
+            True
+        """
+        if self._fingerprint is None:
+            canonical = json.dumps(self.get_config(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self):
+        """A one-line description for messages, e.g. "byte tokenizer, 257 ids, fingerprint 1a2b..."."""
+        return f"{self.level} tokenizer, {self.size} ids, fingerprint {self.fingerprint()}"
+
+    def check_same(self, other, what="the data", this="the model"):
+        """Raise a `ValueError` naming both when `other` (a Tokenizer or a config) is another tokenizer.
+
+        Example:
+            >>> Tokenizer.for_corpus("byte").check_same(Tokenizer.for_corpus("byte"))
+        """
+        other = other if isinstance(other, Tokenizer) else Tokenizer(other)
+        if other != self:
+            raise ValueError(f"{what} was encoded by another tokenizer than {this}'s: {other.describe()} "
+                             f"against {self.describe()}. Use the same tokenizer for both (e.g. "
+                             f"prepare the data with --tokenizer MODEL.keras).")
+
+    def __eq__(self, other):
+        return isinstance(other, Tokenizer) and other.fingerprint() == self.fingerprint()
+
+    def __hash__(self):
+        return hash(self.fingerprint())
+
+    def __repr__(self):
+        return f"Tokenizer({self.describe()})"
 
     def save(self, path):
         """Write the tokenizer's config to `path` as JSON (atomically)."""
@@ -310,14 +214,110 @@ class Tokenizer:
         """The tokenizer `save` wrote to `path`."""
         return cls.from_config(_files.read_json(path, "path"))
 
+    @classmethod
+    def for_corpus(cls, name, chunks=None, vocabulary=None, max_tokens=None, sample_characters=SAMPLE_CHARACTERS):
+        """The tokenizer `--tokenizer NAME` means, with `<|endoftext|>` to separate documents.
 
-def prompt_ids(vectorizer, text, name="prompt"):
+        Args:
+            name: "char" (vocabulary learned from `chunks` in one streaming pass, or given as
+                `vocabulary`), "byte" (257 ids), "gpt2" (GPT-2's BPE through tiktoken; its file
+                is downloaded on first use), "word" / "wordpiece" / "sentencepiece" (learned from the
+                first `sample_characters` characters of `chunks`), a `tiktoken.Encoding` with GPT-2's
+                pattern, a `Tokenizer`, or the path of a `.keras` model (that model's own tokenizer,
+                any level, as it is: its `end_of_text_id` may be None).
+            chunks: an iterable of str (or one str) to learn a vocabulary from.
+            vocabulary: "char" only: the characters (e.g. from `learn_char_vocabulary`), instead of `chunks`.
+            max_tokens: vocabulary size to learn (char: the most frequent characters; reserved ids included).
+            sample_characters: how much of `chunks` the learned levels (word, wordpiece,
+                sentencepiece) read.
+
+        Example:
+            >>> tokenizer = Tokenizer.for_corpus("char", ["hello ", "world"])
+            >>> tokenizer.size, tokenizer.end_of_text_id
+            (11, 10)
+        """
+        if isinstance(name, Tokenizer):
+            return name
+        if _is_tiktoken_encoding(name):
+            return cls.from_ranks(name._mergeable_ranks, name._special_tokens, pattern=name._pat_str)
+        if not isinstance(name, (str, os.PathLike)):
+            raise TypeError(f"`name` must be a tokenizer name {CORPUS_TOKENIZERS}, a .keras path or a "
+                            f"tiktoken.Encoding; got {name!r}.")
+        name = os.fspath(name)
+        if vocabulary is not None and name != "char":
+            raise ValueError(f"`vocabulary` is for name='char' only; got name={name!r}.")
+        if name not in CORPUS_TOKENIZERS:
+            if name.endswith(".keras") or os.path.isfile(name):
+                return cls(_tokenizer_encoders.model_file_config(name))
+            raise ValueError(f"`name` must be one of {CORPUS_TOKENIZERS}, a .keras model path or a "
+                             f"tiktoken.Encoding; got {name!r}.")
+        if name == "gpt2":
+            ranks, special, pattern = _tokenizer_encoders.gpt2_ranks()
+            return cls.from_ranks(ranks, special, pattern=pattern)
+        if name == "byte":
+            layer = make_vectorizer(level="byte")
+        elif name == "char" and vocabulary is not None:
+            if not isinstance(vocabulary, (list, tuple)) or not all(
+                    isinstance(c, str) and len(c) == 1 for c in vocabulary):
+                raise ValueError(f"`vocabulary` must be a list of single characters; got {vocabulary!r:.100}.")
+            layer = _fixed_text_vectorization("char", list(_RESERVED["char"]) + list(vocabulary))
+        elif chunks is None:
+            raise ValueError(f"Tokenizer.for_corpus({name!r}) learns its vocabulary: pass `chunks` (the text, "
+                             f"as an iterable of str)" + (" or `vocabulary`." if name == "char" else "."))
+        elif name == "char":
+            characters = learn_char_vocabulary(chunks, max_tokens=max_tokens)
+            layer = _text_vectorization("char", vocabulary=list(_RESERVED["char"]) + characters)
+        else:
+            layer = make_vectorizer(_sample(chunks, sample_characters), level=name, max_tokens=max_tokens)
+        return cls(layer, special_tokens=[END_OF_TEXT])
+
+    @classmethod
+    def from_ranks(cls, mergeable_ranks, special_tokens=None, pattern=None):
+        """A byte-level BPE tokenizer from tiktoken ranks (bytes -> id), as `tiktoken.Encoding` takes them.
+
+        Args:
+            mergeable_ranks: dict of token bytes -> rank (its id), all 256 single bytes included.
+            special_tokens: dict of name -> id, such as `{"<|endoftext|>": 50256}`.
+            pattern: the split pattern; only GPT-2's (`GPT2_PATTERN`, the default) is supported.
+
+        Example:
+            >>> ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256}
+            >>> tokenizer = Tokenizer.from_ranks(ranks, {"<|endoftext|>": 257})
+            >>> tokenizer.encode("abc").tolist(), tokenizer.end_of_text_id
+            ([256, 99], 257)
+        """
+        if pattern is not None and pattern != GPT2_PATTERN:
+            raise ValueError(f"Only GPT-2's split pattern is supported (GPT2_PATTERN); got {pattern!r:.80}.")
+        return cls(_tokenizer_encoders._BytePairs.from_ranks(mergeable_ranks, special_tokens or {}))
+
+
+def learn_bpe(text, vocabulary_size):
+    """A small byte-level BPE learned from `text`, laid out as GPT-2's: 256 bytes, merges, `<|endoftext|>` last.
+
+    A trainer for tests and benchmarks without network (Hugging Face `tokenizers`, which keras-hub
+    installs); real corpora use GPT-2's ranks (`Tokenizer.for_corpus("gpt2")`).
+
+    Args:
+        text: a str or an iterable of str.
+        vocabulary_size: ids in all, `<|endoftext|>` included (>= 258); fewer when the text runs out of
+            pairs seen twice.
+
+    Example:
+        >>> tokenizer = learn_bpe("low lower lowest " * 50, 260)
+        >>> tokenizer.size, tokenizer.end_of_text_id, tokenizer.decode(tokenizer.encode(" lowest"))
+        (260, 259, ' lowest')
+    """
+    vocabulary_size = _validation.check_int("vocabulary_size", vocabulary_size, minimum=258)
+    return Tokenizer(_tokenizer_encoders.learned_byte_pairs(text, vocabulary_size))
+
+
+def prompt_ids(tokenizer, text, name="prompt"):
     """Token ids of a text prompt: a warning for tokens the vocabulary lacks, an error when it holds none.
 
     The one path from prompt text to ids for generation, scoring and the server.
 
     Args:
-        vectorizer: the model's vectorizer (None raises: the model cannot read text).
+        tokenizer: the model's `Tokenizer` or vectorizer layer (None raises: the model cannot read text).
         text: the prompt.
         name: the argument's name in errors, e.g. "prompt" or "prompt[1]".
 
@@ -328,75 +328,15 @@ def prompt_ids(vectorizer, text, name="prompt"):
         >>> prompt_ids(make_vectorizer("hello"), "hell").tolist()
         [4, 5, 2, 2]
     """
-    if vectorizer is None:
+    if tokenizer is None:
         raise ValueError(f"A text `{name}` needs a model with a `vectorizer`; this model has none. "
                          f"Pass token ids instead, or build NanoGPT(..., vectorizer=...).")
-    tokenizer = Tokenizer(vectorizer)
+    tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     ids = tokenizer.encode(text)
     tokenizer.warn_unknown(text, ids, stacklevel=3)
     if ids.size == 0:
         raise ValueError(f"`{name}` holds no tokens ({text!r}); give at least one.")
     return ids
-
-
-# The functions of kn.data's tokenizer API, kept: each is the `Tokenizer` method of the same job.
-
-def vocabulary_size(vectorizer):
-    """`Tokenizer(vectorizer).size`: ids the vectorizer produces (padding and out-of-vocabulary included)."""
-    return Tokenizer(vectorizer).size
-
-
-def encode(vectorizer, text):
-    """`Tokenizer(vectorizer).encode(text)`: token ids of `text` as a 1-D int32 numpy array.
-
-    Example:
-        >>> encode(make_vectorizer("abc"), "cab").shape
-        (3,)
-    """
-    return Tokenizer(vectorizer).encode(text)
-
-
-def decode(vectorizer, ids):
-    """`Tokenizer(vectorizer).decode(ids)`: the text of 1-D token ids.
-
-    Example:
-        >>> vectorizer = make_vectorizer("abc")
-        >>> decode(vectorizer, encode(vectorizer, "cab"))
-        'cab'
-    """
-    return Tokenizer(vectorizer).decode(ids)
-
-
-def warn_unknown(vectorizer, text, ids):
-    """`Tokenizer(vectorizer).warn_unknown(text, ids)`: warn about tokens the vectorizer cannot represent."""
-    Tokenizer(vectorizer).warn_unknown(text, ids, stacklevel=3)
-
-
-def vectorizer_to_config(vectorizer):
-    """`Tokenizer(vectorizer).get_config()`: a JSON-ready dict for `vectorizer_from_config`.
-
-    Example:
-        >>> vectorizer_to_config(make_vectorizer("ab"))
-        {'level': 'char', 'vocabulary': ['', '[UNK]', 'b', 'a']}
-    """
-    return Tokenizer(vectorizer).get_config()
-
-
-def vectorizer_from_config(config):
-    """`Tokenizer.from_config(config).layer`: the vectorizer `vectorizer_to_config` described."""
-    return Tokenizer.from_config(config).layer
-
-
-def check_vectorizer(vectorizer, size):
-    """The tokenizer layer of `vectorizer` (a layer, or the dict a saved config holds), or None; raises
-    when it has more tokens than `size`, the model's `vocabulary_size`."""
-    if isinstance(vectorizer, dict):
-        vectorizer = vectorizer_from_config(vectorizer)
-    tokens = 0 if vectorizer is None else vocabulary_size(vectorizer)
-    if tokens > size:
-        raise ValueError(f"`vectorizer` has {tokens} tokens but `vocabulary_size` is {size}; pass "
-                         f"vocabulary_size >= {tokens}.")
-    return vectorizer
 
 
 class Untracked:
@@ -409,28 +349,81 @@ class Untracked:
         self.value = value
 
 
-def _look_up(layer):
-    """`(level, tokens or None, token_array (char/word only) or None, (padding_id, unknown_id))`."""
-    level = _level_of(layer)
-    vocabulary = [str(token) for token in layer.get_vocabulary()] if level in _RESERVED else []
-    reserved = tuple(vocabulary.index(t) if t in vocabulary else None for t in _RESERVED.get(level, ("", "")))
-    if level not in ("char", "word"):
-        return level, vocabulary or None, None, reserved
-    shown = list(vocabulary)
-    if level == "char" and reserved[1] is not None:
-        shown[reserved[1]] = _UNKNOWN_CHAR
-    return level, vocabulary, np.array(shown, dtype=object), reserved
+def _sample(chunks, limit):
+    if isinstance(chunks, str):
+        return chunks[:limit]
+    parts, total = [], 0
+    for chunk in chunks:
+        if not isinstance(chunk, str):
+            raise TypeError(f"`chunks` must hold str; got {type(chunk).__name__}.")
+        parts.append(chunk[:limit - total])
+        total += len(parts[-1])
+        if total >= limit:
+            break
+    return "".join(parts)
 
 
-def _level_of(layer):
-    if isinstance(layer, keras.layers.TextVectorization):
-        return "char" if layer.get_config()["split"] == "character" else "word"
-    if isinstance(layer, keras.layers.StringLookup):
-        return "char"
-    hub = _hub()
-    for level, kind in (("wordpiece", hub.WordPieceTokenizer), ("sentencepiece", hub.SentencePieceTokenizer),
-                        ("byte", hub.ByteTokenizer), ("bpe", hub.BytePairTokenizer)):
-        if isinstance(layer, kind):
-            return level
-    raise TypeError(f"`vectorizer` must come from kn.data.make_vectorizer (a TextVectorization or a "
-                    f"keras-hub tokenizer); got {type(layer).__name__}.")
+def _is_tiktoken_encoding(value):
+    # tiktoken keeps an Encoding's ranks, special tokens and pattern in private attributes
+    # (`_mergeable_ranks`, `_special_tokens`, `_pat_str`); they are its constructor's arguments.
+    return type(value).__name__ == "Encoding" and type(value).__module__.startswith("tiktoken")
+
+
+# The module functions kn.data has always had, kept as deprecated shims for users: each is a
+# `Tokenizer` method. Package code calls `Tokenizer`.
+
+REMOVED_IN = "0.3.0"
+
+
+def _vocabulary_size(vectorizer):
+    return Tokenizer(vectorizer).size
+
+
+def _encode(vectorizer, text):
+    return Tokenizer(vectorizer).encode(text)
+
+
+def _decode(vectorizer, ids):
+    return Tokenizer(vectorizer).decode(ids)
+
+
+def _warn_unknown(vectorizer, text, ids):
+    Tokenizer(vectorizer).warn_unknown(text, ids, stacklevel=3)
+
+
+def _vectorizer_to_config(vectorizer):
+    return Tokenizer(vectorizer).get_config()
+
+
+def _vectorizer_from_config(config):
+    return Tokenizer.from_config(config).layer
+
+
+def _check_vectorizer(vectorizer, size):
+    return None if vectorizer is None else Tokenizer(vectorizer).check_size(size).layer
+
+
+DEPRECATED = {
+    "vocabulary_size": (_vocabulary_size, "Tokenizer(vectorizer).size"),
+    "encode": (_encode, "Tokenizer(vectorizer).encode(text)"),
+    "decode": (_decode, "Tokenizer(vectorizer).decode(ids)"),
+    "warn_unknown": (_warn_unknown, "Tokenizer(vectorizer).warn_unknown(text, ids)"),
+    "vectorizer_to_config": (_vectorizer_to_config, "Tokenizer(vectorizer).get_config()"),
+    "vectorizer_from_config": (_vectorizer_from_config, "Tokenizer.from_config(config).layer"),
+    "check_vectorizer": (_check_vectorizer, "Tokenizer(vectorizer).check_size(vocabulary_size)"),
+}
+
+
+def deprecated(module, name):
+    """For a module's `__getattr__`: a deprecated tokenizer function, with a `DeprecationWarning` that names
+    its replacement and the version that removes it; an `AttributeError` for any other name."""
+    if name not in DEPRECATED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    function, use = DEPRECATED[name]
+    warnings.warn(f"{module}.{name} is deprecated and will be removed in keras_nanogpt {REMOVED_IN}; use "
+                  f"keras_nanogpt.tokenizers.{use}.", DeprecationWarning, stacklevel=3)
+    return function
+
+
+def __getattr__(name):
+    return deprecated(__name__, name)
