@@ -225,8 +225,8 @@ def evaluate(args):
     if not 0.0 < args.validation_split < 1.0:  # before loading anything (kn.scoring.evaluate_text checks it too)
         raise ValueError(f"`--validation-split` must be in (0.0, 1.0); got {args.validation_split}.")
     model = kn.load_model(args.model)
-    if model.vectorizer is None:
-        raise ValueError(f"{args.model!r} has no vectorizer, so it cannot read text.")
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model!r} has no tokenizer, so it cannot read text.")
     with _named_as_flags(("validation_split", "batch_size")):
         report = kn.scoring.evaluate_text(model, kn.data.load_text(args.text), args.validation_split,
                                           args.batch_size)

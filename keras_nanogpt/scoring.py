@@ -109,9 +109,9 @@ def score(model, inputs, stride=None, batch_size=8):
     return Score(token_ids=ids, log_probs=scored.astype("float32"), num_characters=characters)
 
 
-def count_characters(vectorizer, ids):
+def count_characters(tokenizer, ids):
     """Characters that `ids[1:]` decode to after `ids[0]` (so a word vocabulary counts its spaces)."""
-    tokenizer = tokenizers.Tokenizer(vectorizer)
+    tokenizer = tokenizers.Tokenizer(tokenizer)
     return len(tokenizer.decode(list(ids))) - len(tokenizer.decode(list(ids[:1])))
 
 
@@ -141,9 +141,9 @@ def evaluate_text(model, text, validation_split=0.1, batch_size=32):
         {'validation_loss': 1.52, 'perplexity': 4.57, 'bits_per_character': 2.19, 'accuracy': 0.54}
     """
     _validation.check_float("validation_split", validation_split, 0.0, 1.0, low_inclusive=False)
-    if getattr(model, "vectorizer", None) is None:
-        raise ValueError("`model` has no vectorizer, so it cannot read text.")
-    _, val = data.make_datasets(text, model.vectorizer, model.sequence_length, batch_size,
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("`model` has no tokenizer, so it cannot read text.")
+    _, val = data.make_datasets(text, model.tokenizer, model.sequence_length, batch_size,
                                 validation_split=validation_split)
     if not model.compiled:
         model.compile()
@@ -151,7 +151,7 @@ def evaluate_text(model, text, validation_split=0.1, batch_size=32):
     loss = float(results["loss"])
     targets = np.concatenate([y.reshape(-1) for _, y in val.as_numpy_iterator()])  # every scored token
     context = np.concatenate([x[:1, 0] for x, _ in val.take(1).as_numpy_iterator()])  # the one before them
-    characters = count_characters(model.vectorizer, np.concatenate([context, targets]))
+    characters = count_characters(model.tokenizer, np.concatenate([context, targets]))
     return {"validation_loss": loss, "perplexity": math.exp(loss),
             "bits_per_character": bits_per_character(loss * len(targets), characters),
             "accuracy": float(results.get("accuracy", math.nan))}

@@ -322,7 +322,7 @@ def train(job, log=print):
     with strategy:
         model = _initial_model(job, log) if job.init else _new_model(job, text, recipe)
         sequence_length = job.sequence_length or model.sequence_length
-        train_ds, val_ds = _datasets(job, text, model.vectorizer, sequence_length)
+        train_ds, val_ds = _datasets(job, text, model.tokenizer, sequence_length)
         if job.epochs is not None:
             steps_per_epoch = int(train_ds.cardinality())
             total_steps = job.epochs * steps_per_epoch
@@ -379,7 +379,7 @@ def _initial_model(job, log):
         model = load_model(path)
     else:
         raise ValueError(f"`init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
-    if model.vectorizer is None:
+    if model.tokenizer is None:
         raise ValueError(f"`init` {path!r} has no tokenizer, so it cannot read `text`; save the model with "
                          "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
     if job.sequence_length is not None and job.sequence_length > model.sequence_length:
@@ -394,8 +394,8 @@ def _initial_model(job, log):
     return model
 
 
-def _datasets(job, text, vectorizer, sequence_length):
+def _datasets(job, text, tokenizer, sequence_length):
     """The job's `(train, validation)` tf.data windows of `(ids, next ids)`: the one place that turns the
     job's source into batches (another source, such as token shards, slots in here)."""
-    return data.make_datasets(text, vectorizer, sequence_length, job.batch_size,
+    return data.make_datasets(text, tokenizer, sequence_length, job.batch_size,
                               validation_split=job.validation_split, sampling="random", seed=job.seed)
