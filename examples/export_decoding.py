@@ -4,6 +4,8 @@ An export folder (`keras-nanogpt export --format onnx|litert MODEL.keras DIR`) h
 `decode.*` and `vocabulary.json`; a runtime supplies two functions:
 `prefill(ids (1, context) int32) -> [logits, key_0, value_0, ...]` and
 `decode(token (1, 1) int32, index () int32, cache list) -> [logits, key_0, value_0, ...]`.
+The logits are numpy arrays; the loop never looks into the cache, only passes the latest one back, so a
+runtime keeps it in its own buffers (onnx_generate.py: onnxruntime `OrtValue`s; litert_generate.py: numpy).
 The loop keeps a window of at most `context` tokens; when it overflows, the window's last half is
 prefilled again, as `NanoGPT.generate` does, so greedy decoding gives the same tokens.
 """

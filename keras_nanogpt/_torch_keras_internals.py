@@ -10,11 +10,14 @@ Checked against Keras 3.15.1 with torch 2.13.0.
 | `track_variables` | `TorchLayer._track_variables` | backends.retrack_variables |
 | `seeded_categorical`, `traceable_categorical` | Keras's torch seeding (`torch_seed_generator`) | `_torch_compile` |
 | `traceable_draws` | `keras.src.backend.torch.random.categorical` | `_torch_compile._traced_draw` |
+| `conditions_in_the_graph` | `keras.src.backend.torch.core.cond`, `.convert_to_numpy` | `_torch_training` (traced step) |
+| `current_stateless_scope` | `keras.src.backend.get_stateless_scope` | `_torch_training` (traced `cond`) |
 
 `traceable_draws` is the one place the package puts a function of its own into Keras: once, a dispatcher
 in place of the torch backend's `categorical`, which calls Keras's own function unchanged except inside
 `with traceable_draws():` (a context variable, so per thread and per task), where the package traces
-a sampler's draw. Nothing else in the process sees a difference.
+a sampler's draw. Nothing else in the process sees a difference. `conditions_in_the_graph` does the same
+for the torch backend's `cond` and `convert_to_numpy` while a train step is traced.
 """
 
 import contextlib
@@ -24,6 +27,7 @@ import threading
 
 import torch
 from keras import ops
+from keras.src import backend as _keras_backend
 from keras.src.backend.torch import random as _keras_torch_random
 from keras.src.backend.torch.optimizers.torch_adamw import AdamW as _KerasTorchAdamW
 
@@ -113,3 +117,59 @@ def traceable_draws():
         yield
     finally:
         _tracing_draws.reset(token)
+
+
+_tracing_conditions = contextvars.ContextVar("keras_nanogpt_tracing_conditions", default=None)
+
+
+def _condition_dispatchers(keras_cond, keras_to_numpy):
+    @functools.wraps(keras_cond)
+    def cond(pred, true_fn, false_fn):
+        in_graph = _tracing_conditions.get()
+        if in_graph is not None and isinstance(pred, torch.Tensor) and current_stateless_scope() is not None:
+            return in_graph(pred, true_fn, false_fn)
+        return keras_cond(pred, true_fn, false_fn)
+
+    @functools.wraps(keras_to_numpy)
+    def convert_to_numpy(x):
+        if _tracing_conditions.get() is not None and isinstance(x, torch.Tensor):
+            return x.detach()
+        return keras_to_numpy(x)
+
+    cond.keras_nanogpt_dispatcher = convert_to_numpy.keras_nanogpt_dispatcher = True
+    return cond, convert_to_numpy
+
+
+@contextlib.contextmanager
+def conditions_in_the_graph(cond_in_graph):
+    """Inside, for this thread (task) only: `keras.ops.cond` on a tensor, within a StatelessScope, is
+    `cond_in_graph(pred, true_fn, false_fn)`, and `convert_to_numpy` of a tensor gives the tensor.
+
+    Needed: Keras's PyTorch `cond` branches in Python (`if pred:`), which a trace cannot follow
+    (LossScaleOptimizer, gradient accumulation, the EMA overwrite), and its PyTorch Nadam divides by
+    `convert_to_numpy` of a variable, whose value a trace would keep from the tracing call. Both are module
+    attributes of the torch backend's `core`, called by their names; no public API lets a caller choose
+    how a condition or a conversion runs. Keras's own functions run everywhere else.
+
+    Example:
+        >>> with conditions_in_the_graph(lambda pred, t, f: t()):  # doctest: +SKIP
+        ...     graph = trace(step, inputs)
+    """
+    core = _keras_backend.core
+    with _install_lock:
+        if not getattr(core.cond, "keras_nanogpt_dispatcher", False):
+            core.cond, core.convert_to_numpy = _condition_dispatchers(core.cond, core.convert_to_numpy)
+    token = _tracing_conditions.set(cond_in_graph)
+    try:
+        yield
+    finally:
+        _tracing_conditions.reset(token)
+
+
+def current_stateless_scope():
+    """The `keras.StatelessScope` the code runs in, or None.
+
+    Needed: a traced `cond` reads and sets the variables' values in the scope the train step runs in. No
+    public API gives the current scope (`keras.StatelessScope` only makes a new one).
+    """
+    return _keras_backend.get_stateless_scope()

@@ -21,14 +21,23 @@ import operator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
 # Operations that return a tensor of the input's shape as a view, or the input itself, when the
 # requested shape is the input's own.
 _SHAPE_OPS = {_aten.view.default, _aten._unsafe_view.default, _aten.expand.default, _aten.reshape.default}
 _FOLDABLE_BLOCKLIST = {_aten.empty.memory_format, _aten.empty_strided.default}
+# Functions with a number argument that scales their second operand: `alpha` (x + alpha * other) and
+# `value` (x + value * tensor1 * tensor2, x + value * tensor1 / tensor2).
+_SCALING_KEYWORDS = {
+    **dict.fromkeys(("add", "add_", "sub", "sub_", "_foreach_add", "_foreach_add_", "_foreach_sub",
+                     "_foreach_sub_"), "alpha"),
+    **dict.fromkeys(("addcmul", "addcmul_", "addcdiv", "addcdiv_", "_foreach_addcmul", "_foreach_addcmul_",
+                     "_foreach_addcdiv", "_foreach_addcdiv_"), "value")}
 
 
 def trace(function, example_inputs):
@@ -44,7 +53,64 @@ def trace(function, example_inputs):
         >>> trace(torch.sin, [torch.zeros(3)])(torch.zeros(3))  # doctest: +SKIP
         tensor([0., 0., 0.])
     """
-    return lean(make_fx(function)(*example_inputs))
+    with _TensorScalars():
+        graph_module = make_fx(function)(*example_inputs)
+    return lean(graph_module)
+
+
+class _TensorScalars(TorchFunctionMode):
+    """While tracing: a tensor passed where PyTorch takes a number (`alpha=`, `value=`) scales the operand
+    it multiplies instead. Eagerly PyTorch reads such a tensor into Python (`Tensor.item()`), which a
+    trace cannot record: Keras's SGD and Adadelta on PyTorch pass their learning rate, a variable, as
+    `torch._foreach_add_(variables, grads, alpha=-learning_rate)`.
+
+    And a tensor computed from the inputs read into numpy or Python lists (which tracing on real tensors
+    allows, silently keeping the value of the tracing call in the graph) fails the trace instead.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_READS and args and isinstance(args[0], torch.Tensor) and _depends_on_inputs(args[0]):
+            raise RuntimeError(f"{getattr(func, '__name__', func)}() reads a traced tensor's value into Python: "
+                               "the graph would keep the value it had while tracing")
+        keyword = _SCALING_KEYWORDS.get(getattr(func, "__name__", None))
+        scale = kwargs.get(keyword)
+        if isinstance(scale, torch.Tensor) and len(args) > 1:
+            operand = args[1]
+            if isinstance(operand, (list, tuple)):
+                operand = torch._foreach_mul(list(operand), scale)
+            else:
+                operand = operand * scale
+            args = (args[0], operand, *args[2:])
+            kwargs = {k: v for k, v in kwargs.items() if k != keyword}
+        return func(*args, **kwargs)
+
+
+def written_in_place(tensors, function):
+    """While `trace` traces: `function()`'s result, and the positions in `tensors` of those it wrote in
+    place (itself or through a view), read from the operations it added to the graph.
+
+    Example:
+        >>> written_in_place([a, b], lambda: a.add_(1))  # doctest: +SKIP
+        (tensor(...), {0})
+    """
+    tracer = proxy_tensor.get_proxy_mode().tracer
+    before = set(tracer.graph.nodes)
+    result = function()
+    written = set()
+    for node in tracer.graph.nodes:
+        if node in before:
+            continue
+        for target in _written(node):
+            while target not in written:  # the written tensor, then the tensors it views
+                written.add(target)
+                if not (target.op == "call_function" and _is_view(target) and target.args
+                        and isinstance(target.args[0], torch.fx.Node)):
+                    break
+                target = target.args[0]
+    return result, {i for i, t in enumerate(tensors)
+                    if proxy_tensor.has_proxy_slot(t, tracer)
+                    and proxy_tensor.get_proxy_slot(t, tracer).proxy.node in written}
 
 
 def lean(graph_module):
@@ -261,3 +327,22 @@ def _forwarded_input(node):
                     and value.shape == result.shape and value.dtype == result.dtype):
                 return item
     return None
+
+
+_VALUE_READS = {torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.tolist}
+
+
+def _depends_on_inputs(tensor):
+    """Whether `tensor`, while `trace` traces, is computed from the traced function's inputs."""
+    mode = proxy_tensor.get_proxy_mode()
+    if mode is None or not proxy_tensor.has_proxy_slot(tensor, mode.tracer):
+        return False
+    stack, seen = [proxy_tensor.get_proxy_slot(tensor, mode.tracer).proxy.node], set()
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False

@@ -178,9 +178,53 @@ class TracedStep:
                    for i, v in enumerate(variables)]
         example += [t for t in (x, y, sample_weight) if t is not None]
         try:
-            graph = _torch_tracing.trace(step, example)
+            with _torch_keras_internals.conditions_in_the_graph(_cond_of_both_branches):
+                graph = _torch_tracing.trace(step, example)
         finally:
             torch.random.set_rng_state(rng_state)
         self.trace_seconds.append(time.perf_counter() - start)
         self.traces += 1
         return graph
+
+
+def _cond_of_both_branches(pred, true_fn, false_fn):
+    """`keras.ops.cond(pred, true_fn, false_fn)` as a traced graph can hold it: both branches run, and `pred`
+    selects (`torch.where`) the result and the new value of every variable either branch changed.
+
+    Keras's PyTorch `cond` branches in Python (`if pred:`), which reads the tensor's value: no trace can
+    (LossScaleOptimizer's finite-gradient check and loss-scale growth, gradient accumulation, the EMA
+    overwrite). A branch changes a variable by assigning it (recorded in the StatelessScope the step runs
+    in) or by writing its tensor in place (Keras's PyTorch optimizers); the first branch's in-place writes
+    are undone before the second branch runs.
+    """
+    pred = pred.reshape(()).to(torch.bool)  # as `if pred:` reads it
+    scope = _torch_keras_internals.current_stateless_scope()
+    start = dict(scope.state_mapping)  # id(variable) -> tensor; each holds its value at the start again after a branch
+    saved = {k: v.clone() for k, v in start.items()}  # the copies no in-place write uses leave the graph (dead code)
+    keys = list(start)
+
+    def run(branch):
+        output, written = _torch_tracing.written_in_place([start[k] for k in keys], branch)
+        written = {keys[i] for i in written}
+        state = {}
+        for k, value in scope.state_mapping.items():
+            if k not in start:
+                raise ValueError("a branch of keras.ops.cond assigned a variable the traced step does not hold")
+            if value is not start[k] or k in written:
+                state[k] = value.clone() if value is start[k] else value
+        output = keras.tree.map_structure(
+            lambda t: t.clone() if any(t is start[k] for k in written) else t, output)
+        for k in written:
+            start[k].copy_(saved[k])
+        scope.state_mapping = dict(start)
+        return output, state
+
+    true_output, true_state = run(true_fn)
+    false_output, false_state = run(false_fn)
+    for k in set(true_state) | set(false_state):
+        scope.state_mapping[k] = torch.where(pred, true_state.get(k, start[k]), false_state.get(k, start[k]))
+    if true_output is None and false_output is None:
+        return None
+    return keras.tree.map_structure(
+        lambda a, b: torch.where(pred, a, b) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a,
+        true_output, false_output)

@@ -196,6 +196,13 @@ def test_graphs_match_our_logits_and_greedy_decoding(char_vectorizer, format, la
     longer = np.concatenate([IDS, [[6]]], axis=1).astype("int32")  # one more token, at position 8
     step, *cache = decode(np.array([[6]], "int32"), np.array(IDS.shape[1], "int32"), cache)
     np.testing.assert_allclose(step[:, 0], to_numpy(model(longer))[:, -1], atol=1e-4)
+    if format == "onnx":  # the cache stays in onnxruntime's buffers: each step writes the set it did not read
+        import onnxruntime
+
+        assert all(isinstance(c, onnxruntime.OrtValue) for c in cache)
+        again, *other = decode(np.array([[6]], "int32"), np.array(IDS.shape[1], "int32"), cache)
+        np.testing.assert_array_equal(again, step)
+        assert not any(a is b for a, b in zip(cache, other))
     # 200 tokens with a context of 32: the window slides, as in `generate`.
     assert run_example(format, tmp_path / "out", 200) == model.generate(PROMPT, max_new_tokens=200, temperature=0)
 

@@ -342,3 +342,41 @@ def test_traceable_draws_trace_keras_draws_for_this_thread_only(monkeypatch):
     from keras.src.backend.torch import random as keras_torch_random
 
     assert keras_torch_random.categorical.__wrapped__.__module__ == "keras.src.backend.torch.random"
+
+
+@torch_only
+def test_conditions_in_the_graph_route_keras_cond_and_numpy_for_this_thread_only():
+    import torch
+
+    from keras_nanogpt import _torch_keras_internals
+
+    seen = []
+
+    def in_graph(pred, true_fn, false_fn):
+        seen.append(pred)
+        return torch.where(pred, true_fn(), false_fn())
+
+    pred, x = torch.tensor(True), torch.ones(2)
+    with keras.StatelessScope():
+        assert to_numpy(keras.ops.cond(pred, lambda: x, lambda: -x)).tolist() == [1.0, 1.0] and not seen
+    with _torch_keras_internals.conditions_in_the_graph(in_graph):
+        with keras.StatelessScope():
+            keras.ops.cond(pred, lambda: x, lambda: -x)
+        assert len(seen) == 1 and seen[0] is pred
+        assert keras.ops.convert_to_numpy(x) is not None
+        assert isinstance(keras.src.backend.core.convert_to_numpy(x), torch.Tensor)  # the tensor, kept
+        other = []
+        thread = threading.Thread(target=lambda: other.append(keras.src.backend.core.convert_to_numpy(x)))
+        thread.start()
+        thread.join()
+        assert isinstance(other[0], np.ndarray)  # Keras's own in another thread
+    assert isinstance(keras.src.backend.core.convert_to_numpy(x), np.ndarray)  # and after the block
+
+
+@torch_only
+def test_current_stateless_scope_is_the_scope_a_step_runs_in():
+    from keras_nanogpt import _torch_keras_internals
+
+    assert _torch_keras_internals.current_stateless_scope() is None
+    with keras.StatelessScope() as scope:
+        assert _torch_keras_internals.current_stateless_scope() is scope
