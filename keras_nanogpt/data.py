@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_nanogpt import _validation, tokenizers
+from keras_nanogpt.corpus import prepare  # noqa: F401  (token shards: corpus.py writes them, shards.py reads)
+from keras_nanogpt.shards import token_dataset  # noqa: F401
 # The tokenizer names kn.data has always had; they live in keras_nanogpt.tokenizers.
 from keras_nanogpt.tokenizers import (  # noqa: F401
     DEFAULT_MAX_TOKENS, LEVELS, decode, encode, make_vectorizer, vectorizer_from_config, vectorizer_to_config,
