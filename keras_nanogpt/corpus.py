@@ -29,6 +29,7 @@ _PLAN = "prepare.json"  # the settings and sources of the run that writes the fo
 # Cut before the whitespace run that holds a blank line: no regex pre-tokenizer chunk of GPT-2's kind
 # spans a non-space/space boundary, so a document cut there tokenizes as it would whole.
 _PARAGRAPH = re.compile(rb"\S(\s*?\n[ \t\r\f\v]*\n)")
+_GUTENBERG_END = re.compile(rb"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)  # data.py's, in bytes
 
 
 def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field="text",
@@ -172,6 +173,7 @@ def _describe_source(path, text_field):
     source = {"path": path, "kind": kind, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if kind == "text":
         source["documents"] = 1 if stat.st_size else 0
+        source["end"] = _gutenberg_end(path, stat.st_size)
     elif kind == "jsonl":
         source["pieces"] = _jsonl_pieces(path, text_field, stat.st_size) if stat.st_size else []
         source["documents"] = sum(count for _, _, count in source["pieces"])
@@ -179,6 +181,18 @@ def _describe_source(path, text_field):
         source["row_groups"] = _parquet_row_groups(path, text_field)
         source["documents"] = sum(rows for rows, _ in source["row_groups"])
     return source
+
+
+def _gutenberg_end(path, size):
+    """Where a Project Gutenberg licence footer starts (its END line, looked for in the last megabyte), or `size`.
+
+    A document in several pieces ends there, so that no piece holds part of the footer.
+    """
+    begin = max(0, size - (1 << 20))
+    with open(path, "rb") as f:
+        f.seek(begin)
+        match = _GUTENBERG_END.search(f.read())
+    return begin + match.start() if match else size
 
 
 def _jsonl_pieces(path, text_field, size):
@@ -239,14 +253,16 @@ def _pieces(sources, val_fraction, by_tail):
         path, size = source["path"], source["bytes"]
         if source["kind"] == "text" and size:
             split = "val" if not by_tail and _is_val(document, val_fraction) else "train"
-            cut = _line_cut(path, int(size * (1 - val_fraction)), size) if by_tail else size
-            for begin, end, part in ((0, cut, split), (cut, size, "val")):
-                bounds = _cuts(path, begin, end)
-                for a, b in zip(bounds, bounds[1:]):
-                    if b > a:
-                        pieces.append({"kind": "text", "path": path, "range": (a, b), "split": part,
-                                       "first": a == 0, "last": b == size, "bytes": b - a,
-                                       "estimate": {s: (b - a) * (s == part) for s in shards.SPLITS}})
+            end = source["end"]
+            cut = _line_cut(path, int(end * (1 - val_fraction)), end) if by_tail else end
+            ranges = [(0, size, split)] if cut == end and end - 0 <= _PIECE_BYTES else []  # whole: clean_text
+            for begin, stop, part in ((0, cut, split), (cut, end, "val")) if not ranges else ():
+                bounds = _cuts(path, begin, stop)
+                ranges += [(a, b, part) for a, b in zip(bounds, bounds[1:]) if b > a]
+            for a, b, part in ranges:
+                pieces.append({"kind": "text", "path": path, "range": (a, b), "split": part, "first": a == 0,
+                               "last": b >= end, "footer": end < size, "bytes": b - a,
+                               "estimate": {s: (b - a) * (s == part) for s in shards.SPLITS}})
         elif source["kind"] != "text":
             parts = ([{"range": (a, b), "bytes": b - a, "rows": rows} for a, b, rows in source["pieces"]]
                      if source["kind"] == "jsonl" else
@@ -293,11 +309,19 @@ def _paragraph_cut(path, target, end):
 
 
 def _line_cut(path, target, end):
-    """The offset just after the first newline at or after `target` (or `end`): where validation text starts."""
+    """Where validation text starts: just after the first newline at or after `target`, or (with no newline
+    before `end`) at `target` itself, moved forward to a character boundary that does not split a CRLF."""
     with open(path, "rb") as f:
         f.seek(target)
         f.readline()
-        return min(f.tell(), end)
+        if f.tell() < end:
+            return f.tell()
+        f.seek(max(0, target - 1))
+        ahead = f.read(8)
+    skip = 1 if ahead[:1] == b"\r" else 0
+    while skip + 1 < len(ahead) and ahead[skip + 1] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        skip += 1
+    return min(target + skip, end)
 
 
 def _tokens_per_byte(pieces, tokenizer, text_field):
@@ -383,7 +407,7 @@ def _texts(piece, text_field, sample=False):
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"{path!r} is not valid UTF-8 at byte {a + error.start}.") from None
-        return [_clean_piece(text, piece["first"], piece["last"])]
+        return [_clean_piece(text, piece["first"], piece["last"], piece.get("footer", False))]
     texts = []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -398,9 +422,10 @@ def _texts(piece, text_field, sample=False):
     return texts
 
 
-def _clean_piece(text, first, last):
-    """`data.clean_text` for one piece of a document: the header goes with the first, the footer with the last."""
-    if first and last:
+def _clean_piece(text, first, last, footer):
+    """`data.clean_text` for one piece of a document: the header goes with the first piece; the last one ends
+    where the licence footer began (`footer`: it was cut off when the pieces were planned)."""
+    if first and last and not footer:
         return data.clean_text(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if first:
@@ -408,10 +433,8 @@ def _clean_piece(text, first, last):
         start = data._GUTENBERG_START.search(text)
         if start:
             text = data._PRODUCED_BY.sub("", text[start.end():].lstrip())
-    if last:
-        end = data._GUTENBERG_END.search(text)
-        if end:
-            text = data._END_OF_EBOOK.sub("", text[:end.start()].rstrip()).rstrip() + "\n"
+    if last and footer:
+        text = data._END_OF_EBOOK.sub("", text.rstrip()).rstrip() + "\n"
     return text
 
 

@@ -159,7 +159,11 @@ def shard_files(path, split="train"):
     if os.path.isdir(path):
         manifest = os.path.join(path, MANIFEST)
         if os.path.isfile(manifest):
-            return [os.path.join(path, s["file"]) for s in read_manifest(path)["shards"][split]], False
+            files = [os.path.join(path, s["file"]) for s in read_manifest(path)["shards"][split]]
+            if not files:
+                raise FileNotFoundError(f"The {split} split of {path!r} is empty: its {MANIFEST} lists no "
+                                        f"{split} shards (prepare with a larger val_fraction, or more text).")
+            return files, False
         nanogpt = os.path.join(path, _NANOGPT_FILES[split])
         if os.path.isfile(nanogpt):
             return [nanogpt], True
@@ -197,6 +201,31 @@ def read_manifest(path):
         raise ShardError(f"{file!r} is not a keras_nanogpt shard manifest (its 'format' is not "
                          f"'keras_nanogpt.shards').")
     return manifest
+
+
+def token_info(path):
+    """What a token folder holds: vocabulary size, tokens per split, the tokenizer (from `prepare`) or nanoGPT's meta.
+
+    Only headers and the manifest / `meta.pkl` are read. `vocabulary_size` is None when nothing records it
+    (llm.c shards; nanoGPT's GPT-2 files without a `meta.pkl`).
+
+    Example:
+        >>> token_info("data/shakespeare_char")["vocabulary_size"]  # doctest: +SKIP
+        65
+    """
+    tokens, meta, tokenizer = {}, None, None
+    for split in SPLITS:
+        try:
+            files, headerless = shard_files(path, split)
+        except FileNotFoundError:
+            files, headerless = [], False
+        tokens[split] = sum(len(open_shard(f, headerless)) for f in files)
+        if headerless and os.path.isfile(os.path.join(os.path.dirname(files[0]), "meta.pkl")):
+            meta = read_meta(os.path.join(os.path.dirname(files[0]), "meta.pkl"))
+    if os.path.isfile(os.path.join(os.fspath(path), MANIFEST)):
+        tokenizer = read_manifest(path)["tokenizer"]
+    size = tokenizer["size"] if tokenizer else meta.get("vocab_size") if meta else None
+    return {"vocabulary_size": size, "tokens": tokens, "tokenizer": tokenizer, "meta": meta}
 
 
 class TokenWindows:
@@ -355,6 +384,9 @@ def token_dataset(path, sequence_length, batch_size, split="train", sampling="ra
         raise ValueError(f"`batch_size`={batch_size} must be a multiple of the {count} processes "
                          f"(each reads batch_size / processes rows).")
     files, headerless = shard_files(path, split)
+    meta = os.path.join(os.path.dirname(files[0]), "meta.pkl")
+    if headerless and os.path.isfile(meta):
+        read_meta(meta)  # a pickle that is not plain data is refused before anything else
     rows = (index * batch_size // count, (index + 1) * batch_size // count)
     windows = TokenWindows(files, sequence_length, batch_size, sampling, seed, headerless, rows)
     if windows.batches_per_epoch < 1:
