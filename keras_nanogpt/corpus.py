@@ -39,7 +39,7 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
     A document is a text file (cleaned as `kn.data.clean_text` does), a `.jsonl` line or a parquet row;
     each ends with the tokenizer's end-of-text token. Every `1 / val_fraction`-th document goes to the
     validation shards; with fewer than `1 / val_fraction` documents the last `val_fraction` of every text
-    document (cut at a paragraph) does instead, as nanoGPT splits one novel. Shards are llm.c's format
+    document (from a line's start) does instead, as nanoGPT splits one novel. Shards are llm.c's format
     (uint16 tokens, or uint32 for vocabularies over 65,536); `manifest.json` records the tokenizer, the
     counts and the sources (sizes, SHA-256). Rerunning after a kill keeps the finished shards.
 
@@ -66,6 +66,8 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise TypeError(f"`out` must be the path of a folder for the shards; got {out!r}.")
     out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"`out` must be a folder; {out!r} is a file.")
     tokenizer = _check_tokenizer(tokenizer)
     val_fraction = _validation.check_float("val_fraction", val_fraction, 0.0, 1.0)
     workers = _validation.check_int("workers", workers if workers is not None else os.cpu_count() or 1)
@@ -89,7 +91,8 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
             "tokenizer": tokenizer.fingerprint(), "val_fraction": val_fraction, "text_field": text_field,
             "shard_tokens": shard_tokens, "dtype": dtype.name}
     done = _start_folder(out, plan, groups)
-    todo = [p for p in pieces if any(p["group"][s] is not None and p["group"][s] not in done[s] for s in shards.SPLITS)]
+    todo = [p for p in pieces
+            if any(p["group"][s] is not None and p["group"][s] not in done[s] for s in shards.SPLITS)]
 
     writers = {s: _ShardWriter(out, s, dtype, groups[s], done[s]) for s in shards.SPLITS}
     meter = _Progress(sum(p["bytes"] for p in todo), progress)
@@ -348,8 +351,9 @@ def _group(pieces, bytes_per_shard):
                     number, filled = number + 1, 0.0
                 piece["group"][split], last[number] = number, i
                 filled += piece["estimate"][split]
+        closing = set(last.values())
         for i, piece in enumerate(pieces):
-            piece.setdefault("closes", {})[split] = piece["group"][split] is not None and last[piece["group"][split]] == i
+            piece.setdefault("closes", {})[split] = i in closing
         groups[split] = sorted(last)
     return groups
 
@@ -365,9 +369,9 @@ def _start_folder(out, plan, groups):
         if not os.path.isfile(plan_path):
             raise ValueError(f"`out` folder {out!r} is not empty and holds no {_PLAN} of an earlier prepare; "
                              f"give an empty or new folder.")
-        earlier = _files.read_json(plan_path, "out")
-        if earlier != json.loads(json.dumps(plan)):
-            changed = sorted(k for k in set(earlier) | set(plan) if earlier.get(k) != json.loads(json.dumps(plan)).get(k))
+        earlier, plan = _files.read_json(plan_path, "out"), json.loads(json.dumps(plan))
+        if earlier != plan:
+            changed = sorted(k for k in set(earlier) | set(plan) if earlier.get(k) != plan.get(k))
             raise ValueError(f"`out` folder {out!r} holds shards of a different prepare (its {', '.join(changed)} "
                              f"differ); remove it or give another folder.")
     else:
