@@ -110,7 +110,7 @@ def to_huggingface_gpt2(model, directory):
         save_file(tensors, tmp, metadata={"format": "pt"})
 
     end_of_text = None
-    bpe = data.vectorizer_to_config(model.vectorizer) if model.vectorizer is not None else {}
+    bpe = model.tokenizer.get_config() if model.tokenizer is not None else {}
     if bpe.get("level") == "bpe":
         end_of_text = bpe["vocabulary"].get("<|endoftext|>")
         _write_text(os.path.join(directory, "vocab.json"), json.dumps(bpe["vocabulary"], ensure_ascii=False))

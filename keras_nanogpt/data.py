@@ -14,10 +14,10 @@ import tensorflow as tf
 from keras_nanogpt import _validation, tokenizers
 from keras_nanogpt.corpus import prepare  # noqa: F401  (token shards: corpus.py writes them, shards.py reads)
 from keras_nanogpt.shards import token_dataset  # noqa: F401
-# The tokenizer names kn.data has always had; they live in keras_nanogpt.tokenizers.
-from keras_nanogpt.tokenizers import (  # noqa: F401
-    DEFAULT_MAX_TOKENS, LEVELS, decode, encode, make_vectorizer, vectorizer_from_config, vectorizer_to_config,
-    vocabulary_size, warn_unknown)
+# The tokenizer names kn.data documents; they live in keras_nanogpt.tokenizers. Its old tokenizer functions
+# (encode, decode, vocabulary_size, warn_unknown, vectorizer_to_config, vectorizer_from_config) are
+# deprecated shims, served by `__getattr__` below.
+from keras_nanogpt.tokenizers import DEFAULT_MAX_TOKENS, LEVELS, make_vectorizer  # noqa: F401
 
 KNOWN_TEXTS = {
     "pride_and_prejudice": (
@@ -114,6 +114,12 @@ def clean_text(text):
         text = _PRODUCED_BY.sub("", text.strip())
         text = _END_OF_EBOOK.sub("", text).strip() + "\n"
     return text
+
+
+def __getattr__(name):
+    if name == "check_vectorizer":  # never kn.data's
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return tokenizers.deprecated(__name__, name)
 
 
 def _download(name):

@@ -108,12 +108,10 @@ def vocabulary_json(model):
         >>> vocabulary_json(model)["level"]  # doctest: +SKIP
         'char'
     """
-    from keras_nanogpt import data
-
     if model.vectorizer is None:
         raise ValueError("This model has no vectorizer, so the exported reference loops could not read or "
                          "write text; build it with `vectorizer=kn.data.make_vectorizer(text)`.")
-    config = data.vectorizer_to_config(model.vectorizer)
+    config = model.tokenizer.get_config()
     if config["level"] != "char":
         raise ValueError(f"ONNX and LiteRT exports support character vocabularies only; this model's "
                          f"tokenizer is level={config['level']!r}. Use format='tf_saved_model' or 'preset'.")

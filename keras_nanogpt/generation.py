@@ -253,9 +253,9 @@ class _Job:
     def new_text(self, row, count):
         """The text of the row's first `count` new tokens, decoded after the prompt's last token
         (so a word-level vocabulary puts its space in front)."""
-        vectorizer, last = self.model.vectorizer, int(self.prompts[row][-1])
-        head = tokenizers.decode(vectorizer, [last])
-        return tokenizers.decode(vectorizer, [last, *self.new_ids[row][:count]])[len(head):]
+        tokenizer, last = self.model.tokenizer, int(self.prompts[row][-1])
+        head = tokenizer.decode([last])
+        return tokenizer.decode([last, *self.new_ids[row][:count]])[len(head):]
 
     def result(self):
         if self.kind == "ids":
@@ -374,7 +374,7 @@ def _bucket(length):
 def _logit_bias(job):
     """Added to the logits: -inf on the padding id 0 for text prompts (it decodes to nothing)."""
     bias = np.zeros((job.model.vocabulary_size,), "float32")
-    if job.kind != "ids" and tokenizers.decode(job.model.vectorizer, [0]) == "":
+    if job.kind != "ids" and job.model.tokenizer.decode([0]) == "":
             bias[0] = -np.inf
     return bias
 
@@ -391,7 +391,7 @@ def _prompt_rows(model, prompt):
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                    and all(isinstance(p, str) for p in prompt)):
         kind, texts = ("text", [prompt]) if isinstance(prompt, str) else ("texts", list(prompt))
-        return kind, texts, [tokenizers.prompt_ids(model.vectorizer, text) for text in texts]
+        return kind, texts, [tokenizers.prompt_ids(model.tokenizer, text) for text in texts]
     ids = _validation.check_id_array("prompt", prompt, 2, model.vocabulary_size, "a string, a list of "
                                      "strings or integer ids of shape (batch, time) with time >= 1")
     return "ids", None, list(ids)
@@ -410,7 +410,7 @@ def _stop_sequences(model, stop):
             if model.vectorizer is None:
                 raise ValueError(f"A `stop` string ({item!r}) needs a model with a `vectorizer`; "
                                  f"pass token ids instead.")
-            ids = tuple(int(i) for i in tokenizers.encode(model.vectorizer, item))
+            ids = tuple(int(i) for i in model.tokenizer.encode(item))
         elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
             ids = (int(item),)
         elif isinstance(item, (list, tuple)) and all(

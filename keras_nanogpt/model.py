@@ -57,11 +57,11 @@ class NanoGPT(keras.Model):
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
                  norm="layer", zero_init_residual=False, logit_softcap=None, **kwargs):
         arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
-        vectorizer = tokenizers.check_vectorizer(vectorizer, arguments["vocabulary_size"])
+        tokenizer = None if vectorizer is None else tokenizers.Tokenizer(vectorizer).check_size(arguments["vocabulary_size"])
         super().__init__(**kwargs)
         for name, value in arguments.items():
             setattr(self, name, value)
-        self._vectorizer_holder = tokenizers.Untracked(vectorizer)
+        self._tokenizer_holder = tokenizers.Untracked(tokenizer)
 
         initializer = keras.initializers.RandomNormal(stddev=0.02)
         residual_initializer = ("zeros" if self.zero_init_residual else
@@ -115,8 +115,13 @@ class NanoGPT(keras.Model):
 
     @property
     def vectorizer(self):
-        """The tokenizer saved with the model (a `TextVectorization` or keras-hub tokenizer), or None."""
-        return self._vectorizer_holder.value
+        """The tokenizer layer saved with the model (a `TextVectorization` or keras-hub tokenizer), or None."""
+        return None if self.tokenizer is None else self.tokenizer.layer
+
+    @property
+    def tokenizer(self):
+        """The model's `kn.tokenizers.Tokenizer` (its special tokens included), or None."""
+        return self._tokenizer_holder.value
 
     def call(self, token_ids, training=None):
         x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
@@ -290,9 +295,9 @@ class NanoGPT(keras.Model):
         return saving.from_preset(preset)
 
     def get_config(self):
-        vectorizer = self.vectorizer
+        tokenizer = self.tokenizer
         return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
-                "vectorizer": None if vectorizer is None else tokenizers.vectorizer_to_config(vectorizer),
+                "vectorizer": None if tokenizer is None else tokenizer.get_config(),
                 **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
 
     @classmethod

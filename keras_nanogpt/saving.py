@@ -151,8 +151,8 @@ def save_to_preset(model, preset_dir):
         _write_json(os.path.join(tmp, CONFIG_FILE), config)
         _write_json(os.path.join(tmp, METADATA_FILE), metadata)
         model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
-        if model.vectorizer is not None:
-            tokenizer = tokenizers.vectorizer_to_config(model.vectorizer)
+        if model.tokenizer is not None:
+            tokenizer = model.tokenizer.get_config()
             _write_json(os.path.join(tmp, TOKENIZER_FILE), {"level": tokenizer.pop("level"),
                                                             "assets": [VOCABULARY_ASSET]})
             os.makedirs(os.path.join(tmp, os.path.dirname(VOCABULARY_ASSET)))
@@ -186,7 +186,7 @@ def from_preset(preset):
         tokenizer = _files.read_json(tokenizer_path)
         vocabulary_path = _file(preset, VOCABULARY_ASSET)
         try:
-            arguments["vectorizer"] = tokenizers.vectorizer_from_config(
+            arguments["vectorizer"] = tokenizers.Tokenizer.from_config(
                 {"level": tokenizer.get("level"), **_files.read_json(vocabulary_path)})
         except (ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"{vocabulary_path!r} and {tokenizer_path!r} do not describe a tokenizer: "

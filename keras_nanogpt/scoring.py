@@ -105,13 +105,14 @@ def score(model, inputs, stride=None, batch_size=8):
     values = np.concatenate(values)
     scored = np.concatenate([values[row, first - begin:end - begin]
                              for row, (begin, end, first) in enumerate(windows)])
-    characters = None if model.vectorizer is None else count_characters(model.vectorizer, ids)
+    characters = None if model.vectorizer is None else count_characters(model.tokenizer, ids)
     return Score(token_ids=ids, log_probs=scored.astype("float32"), num_characters=characters)
 
 
 def count_characters(vectorizer, ids):
     """Characters that `ids[1:]` decode to after `ids[0]` (so a word vocabulary counts its spaces)."""
-    return len(tokenizers.decode(vectorizer, list(ids))) - len(tokenizers.decode(vectorizer, list(ids[:1])))
+    tokenizer = tokenizers.Tokenizer(vectorizer)
+    return len(tokenizer.decode(list(ids))) - len(tokenizer.decode(list(ids[:1])))
 
 
 def bits_per_character(total_nll, num_characters):
@@ -123,7 +124,7 @@ def bits_per_character(total_nll, num_characters):
 
 def _token_ids(model, inputs):
     if isinstance(inputs, str):
-        ids = tokenizers.prompt_ids(model.vectorizer, inputs, name="inputs")
+        ids = tokenizers.prompt_ids(model.tokenizer, inputs, name="inputs")
     else:
         ids = _validation.check_id_array("inputs", inputs, 1, model.vocabulary_size,
                                          "a string or 1-D integer token ids")

@@ -249,13 +249,13 @@ class Batcher:
             return ("failed", f"Checking the request failed: {type(error).__name__}: {error}")
 
     def _check_prompts(self, request):
-        vectorizer = self.model.vectorizer
+        tokenizer = self.model.tokenizer
         counts = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for index, prompt in enumerate(request.prompts):
                 name = "prompt" if len(request.prompts) == 1 else f"prompt[{index}]"
-                ids = tokenizers.prompt_ids(vectorizer, prompt, name)
+                ids = tokenizers.prompt_ids(tokenizer, prompt, name)
                 if ids.size > self.max_prompt_tokens:
                     return ("refused", f"`{name}` is {ids.size} tokens long; this server takes at most "
                                        f"{self.max_prompt_tokens} (its --max-prompt-tokens).", "prompt")
