@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from keras_nanogpt import _files, _validation, data, shards
+from keras_nanogpt import _files, _validation, data, shards, tokenizers
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a folder's text files end with (a named file may end otherwise)
 _PIECE_BYTES = 8 << 20  # source bytes per piece of work
@@ -47,7 +47,10 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
         sources: a path, folder (its `.txt`, `.text`, `.md`, `.jsonl` and `.parquet` files, recursively) or
             glob, or a list of them.
         out: the folder for the shards (created; it must be empty or hold an earlier run of the same call).
-        tokenizer: a `kn.tokenizers.Tokenizer` (its `end_of_text_id` separates documents).
+        tokenizer: what `kn.tokenizers.Tokenizer.for_corpus` takes: "char" (its vocabulary learned from the
+            corpus in one streaming pass), "byte", "gpt2", "word" / "wordpiece" / "sentencepiece" (learned
+            from the corpus's start), a `.keras` model's path (its own tokenizer), a `Tokenizer` or a
+            `tiktoken.Encoding`. Its `<|endoftext|>` id ends every document.
         val_fraction: the share of documents (or of the text) for validation, in [0, 1).
         workers: processes that tokenize (default: every core).
         text_field: the field of a `.jsonl` object / column of a parquet table that holds the text.
@@ -58,7 +61,7 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
         The manifest (a dict; also `out/manifest.json`).
 
     Example:
-        >>> manifest = prepare("books/", "shards", kn.tokenizers.gpt2())  # doctest: +SKIP
+        >>> manifest = prepare("books/", "shards", "gpt2")  # doctest: +SKIP
         >>> manifest["tokens"]
         {'train': 9843114, 'val': 1090433}
     """
@@ -68,12 +71,11 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"`out` must be a folder; {out!r} is a file.")
-    tokenizer = _check_tokenizer(tokenizer)
+    _check_tokenizer_name(tokenizer)
     val_fraction = _validation.check_float("val_fraction", val_fraction, 0.0, 1.0)
     workers = _validation.check_int("workers", workers if workers is not None else os.cpu_count() or 1)
     shard_tokens = _validation.check_int("shard_tokens", shard_tokens)
     text_field = _check_text_field(text_field)
-    dtype = shards.token_dtype(tokenizer.size)
 
     sources = [_describe_source(path, text_field) for path in files]
     documents = sum(s["documents"] for s in sources)
@@ -85,6 +87,8 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
             f"`val_fraction`={val_fraction} needs at least {math.ceil(1 / val_fraction)} documents to hold out "
             f"whole ones; the corpus has {documents}. Give more documents, or val_fraction=0 or >= {1 / documents}.")
     pieces = _pieces(sources, val_fraction, by_tail)
+    tokenizer = _corpus_tokenizer(tokenizer, pieces, text_field)
+    dtype = shards.token_dtype(tokenizer.size)
     estimate = _tokens_per_byte(pieces, tokenizer, text_field)
     groups = _group(pieces, shard_tokens / estimate)
     plan = {"sources": [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in sources],
@@ -96,9 +100,12 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
 
     writers = {s: _ShardWriter(out, s, dtype, groups[s], done[s]) for s in shards.SPLITS}
     meter = _Progress(sum(p["bytes"] for p in todo), progress)
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    # Forked workers start at once; a tokenizer whose encoding runs TensorFlow ops (word, wordpiece,
+    # sentencepiece) gets fresh ("spawn") processes, as TensorFlow's threads do not survive a fork.
+    fork = tokenizer.level in ("char", "byte", "bpe") and "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = context.Pool(min(workers, max(1, len(todo) + len(sources))), _start_worker,
-                        (tokenizer, text_field, dtype)) if workers > 1 else None
+                        (tokenizer.get_config(), text_field, dtype)) if workers > 1 else None
     try:
         hashes = [pool.apply_async(_sha256, (s["path"],)) for s in sources] if pool else None
         results = pool.imap(_tokenize_piece, todo) if pool else _in_process(todo, tokenizer, text_field, dtype)
@@ -151,15 +158,29 @@ def _expand(sources):
     return files
 
 
-def _check_tokenizer(tokenizer):
-    needed = ("encode", "size", "end_of_text_id", "get_config", "fingerprint")
-    missing = [name for name in needed if not hasattr(tokenizer, name)]
-    if missing:
-        raise TypeError(f"`tokenizer` must be a kn.tokenizers.Tokenizer (with {', '.join(needed)}); got "
-                        f"{type(tokenizer).__name__}, which lacks {', '.join(missing)}.")
-    if not 0 <= tokenizer.end_of_text_id < tokenizer.size:
-        raise ValueError(f"`tokenizer`'s end_of_text_id {tokenizer.end_of_text_id} is outside its vocabulary "
-                         f"of {tokenizer.size}.")
+def _check_tokenizer_name(tokenizer):
+    """Refuse a tokenizer name that `Tokenizer.for_corpus` would not know, before any work."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        name = os.fspath(tokenizer)
+        if name not in tokenizers.CORPUS_TOKENIZERS and not name.endswith(".keras") and not os.path.isfile(name):
+            raise ValueError(f"`tokenizer` must be one of {tokenizers.CORPUS_TOKENIZERS}, the path of a .keras "
+                             f"model, a kn.tokenizers.Tokenizer or a tiktoken.Encoding; got {name!r}.")
+    elif not isinstance(tokenizer, tokenizers.Tokenizer) and not tokenizers._is_tiktoken_encoding(tokenizer):
+        raise TypeError(f"`tokenizer` must be a tokenizer name {tokenizers.CORPUS_TOKENIZERS}, the path of a "
+                        f".keras model, a kn.tokenizers.Tokenizer or a tiktoken.Encoding; got "
+                        f"{type(tokenizer).__name__}.")
+    return tokenizer
+
+
+def _corpus_tokenizer(tokenizer, pieces, text_field):
+    """`Tokenizer.for_corpus(tokenizer)`; a vocabulary to learn ("char", "word", ...) is learned from the corpus."""
+    learned = isinstance(tokenizer, str) and tokenizer not in ("byte", "gpt2")
+    chunks = (text for piece in pieces for text in _texts(piece, text_field)) if learned else None
+    tokenizer = tokenizers.Tokenizer.for_corpus(tokenizer, chunks=chunks)
+    if tokenizer.end_of_text_id is None:
+        raise ValueError(f"`tokenizer` ({tokenizer.describe()}) has no {tokenizers.END_OF_TEXT} token to end "
+                         f"documents with; give one that has (tokenizer.with_special_tokens"
+                         f"([{tokenizers.END_OF_TEXT!r}]), or a model trained with it).")
     return tokenizer
 
 
@@ -479,8 +500,8 @@ def _held(piece, count):
 _WORKER = {}
 
 
-def _start_worker(tokenizer, text_field, dtype):
-    _WORKER.update(tokenizer=tokenizer, text_field=text_field, dtype=dtype)
+def _start_worker(config, text_field, dtype):
+    _WORKER.update(tokenizer=tokenizers.Tokenizer.from_config(config), text_field=text_field, dtype=dtype)
 
 
 def _tokenize_piece(piece):
@@ -593,9 +614,9 @@ def _manifest(out, tokenizer, dtype, sources, digests, groups, val_fraction, by_
         documents[split] = sum(s["documents"] for s in listing[split])
     return {
         "format": "keras_nanogpt.shards", "version": 1,
-        "tokenizer": {"class": type(tokenizer).__name__, "config": tokenizer.get_config(),
-                      "fingerprint": tokenizer.fingerprint(), "size": int(tokenizer.size),
-                      "end_of_text_id": int(tokenizer.end_of_text_id)},
+        "tokenizer": {"level": tokenizer.level, "size": int(tokenizer.size),
+                      "end_of_text_id": int(tokenizer.end_of_text_id), "fingerprint": tokenizer.fingerprint(),
+                      "config": tokenizer.get_config()},
         "dtype": dtype.name, "tokens": tokens, "documents": documents, "shards": listing,
         "val_fraction": val_fraction, "val_by": "text tail" if by_tail else "documents", "text_field": text_field,
         "sources": [{"path": os.path.abspath(s["path"]), "kind": s["kind"], "bytes": s["bytes"], "sha256": d}

@@ -1,8 +1,8 @@
 """Token shards: `kn.data.prepare` (text, .jsonl, .parquet into llm.c-format shards, resumable) and
 `kn.data.token_dataset` (memory-mapped windows into `fit`): formats, orders, per-process rows, errors.
 
-The tokenizers here are small stand-ins with the `kn.tokenizers.Tokenizer` protocol (encode, size,
-end_of_text_id, get_config, fingerprint): a byte tokenizer and a tiktoken BPE built from ranks (no network).
+Tokenizers: bytes, a learned char vocabulary, and a BPE built from a few ranks (GPT-2's own file would
+need the network).
 """
 
 import hashlib
@@ -21,43 +21,15 @@ from conftest import BACKEND, QUICK_COMPILE, free_port
 import keras_nanogpt as kn
 from keras_nanogpt import corpus, shards
 
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BYTES = kn.tokenizers.Tokenizer.for_corpus("byte")  # 257 ids: the 256 bytes, then <|endoftext|>
 
 
-class ByteTokenizer:
-    """UTF-8 bytes; end-of-text 256 (or `size - 1` for a larger made-up vocabulary)."""
-
-    def __init__(self, size=257):
-        self.size, self.end_of_text_id = size, size - 1
-
-    def encode(self, text):
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-    def get_config(self):
-        return {"size": self.size}
-
-    def fingerprint(self):
-        return f"bytes-{self.size}"
-
-
-class BPETokenizer(ByteTokenizer):
-    """tiktoken with GPT-2's pattern and a few merges ("\\n\\n" among them), end-of-text after them."""
-
-    def __init__(self):
-        import tiktoken
-
-        ranks = {bytes([i]): i for i in range(256)}
-        for merge in (b"\n\n", b"th", b"the", b" t", b" the", b"e ", b"in", b"er"):
-            ranks[merge] = len(ranks)
-        self.encoding = tiktoken.Encoding("test", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                          special_tokens={"<|endoftext|>": len(ranks)})
-        self.size, self.end_of_text_id = len(ranks) + 1, len(ranks)
-
-    def encode(self, text):
-        return np.asarray(self.encoding.encode_ordinary(text), np.int32)
-
-    def fingerprint(self):
-        return "bpe-test"
+def bpe_tokenizer():
+    """GPT-2's pattern with a few merges ("\n\n" among them), <|endoftext|> after them (no download)."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in (b"\n\n", b"th", b"the", b" t", b" the", b"e ", b"in", b"er"):
+        ranks[merge] = len(ranks)
+    return kn.tokenizers.Tokenizer.from_ranks(ranks, {"<|endoftext|>": len(ranks)})
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +56,10 @@ def _write_llmc(path, tokens, magic=20240520):
 def test_a_novel_in_pieces_gives_the_cleaned_text_with_its_last_tenth_for_validation(tmp_path, pride_path,
                                                                                        monkeypatch):
     monkeypatch.setattr(corpus, "_PIECE_BYTES", 60_000)  # about 12 pieces, several shards, 2 workers
-    manifest = kn.data.prepare(pride_path, tmp_path / "out", ByteTokenizer(), workers=2, shard_tokens=150_000,
+    manifest = kn.data.prepare(pride_path, tmp_path / "out", BYTES, workers=2, shard_tokens=150_000,
                                progress=False)
     with open(pride_path, encoding="utf-8") as f:
-        expected = ByteTokenizer().encode(kn.data.clean_text(f.read()))
+        expected = BYTES.encode(kn.data.clean_text(f.read()))
     train, val = _tokens(tmp_path / "out", "train"), _tokens(tmp_path / "out", "val")
     assert np.array_equal(np.concatenate([train, val]), np.append(expected, 256))
     assert manifest["val_by"] == "text tail" and 0.09 < len(val) / (len(train) + len(val)) < 0.11
@@ -97,8 +69,9 @@ def test_a_novel_in_pieces_gives_the_cleaned_text_with_its_last_tenth_for_valida
         digest = hashlib.sha256(f.read()).hexdigest()
     assert manifest["sources"] == [{"path": os.path.abspath(pride_path), "kind": "text",
                                     "bytes": os.path.getsize(pride_path), "sha256": digest}]
-    assert manifest["tokenizer"] == {"class": "ByteTokenizer", "config": {"size": 257},
-                                     "fingerprint": "bytes-257", "size": 257, "end_of_text_id": 256}
+    assert manifest["tokenizer"] == {"level": "byte", "size": 257, "end_of_text_id": 256,
+                                     "fingerprint": BYTES.fingerprint(), "config": BYTES.get_config()}
+    assert kn.tokenizers.Tokenizer.from_config(manifest["tokenizer"]["config"]) == BYTES
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
     head = np.fromfile(tmp_path / "out" / "train_000000.bin", "<i4", 256)
     assert head[:3].tolist() == [20240520, 1, manifest["shards"]["train"][0]["tokens"]]
@@ -109,7 +82,7 @@ def test_pieces_cut_at_paragraphs_tokenize_as_the_whole_text_does(tmp_path, prid
     with open(pride_path, encoding="utf-8") as f:
         text = kn.data.clean_text(f.read())[:200_000] + "\n\n\n  The end.\n"
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
-    tokenizer = BPETokenizer()
+    tokenizer = bpe_tokenizer()
     kn.data.prepare(tmp_path / "book.txt", tmp_path / "out", tokenizer, val_fraction=0, workers=1, progress=False)
     whole = tokenizer.encode(text)
     assert np.array_equal(_tokens(tmp_path / "out", "train"), np.append(whole, tokenizer.end_of_text_id))
@@ -128,7 +101,7 @@ def test_jsonl_parquet_and_folders_hold_out_every_tenth_document(tmp_path):
     for i, d in enumerate(docs[35:]):
         (tmp_path / "src" / "sub" / f"c{i}.txt").write_text(d)
     (tmp_path / "src" / "ignored.csv").write_text("not read")
-    manifest = kn.data.prepare(tmp_path / "src", tmp_path / "out", ByteTokenizer(), workers=2, progress=False)
+    manifest = kn.data.prepare(tmp_path / "src", tmp_path / "out", BYTES, workers=2, progress=False)
     held = [d for i, d in enumerate(docs) if i % 10 == 9]
     kept = [d for i, d in enumerate(docs) if i % 10 != 9]
     for split, expected in (("train", kept), ("val", held)):
@@ -139,20 +112,32 @@ def test_jsonl_parquet_and_folders_hold_out_every_tenth_document(tmp_path):
     assert [s["kind"] for s in manifest["sources"]] == ["jsonl", "parquet"] + ["text"] * 5
 
 
+def test_a_char_vocabulary_is_learned_from_the_whole_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("abc\n" * 10)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "xyz é"}) + "\n")
+    manifest = kn.data.prepare(tmp_path, tmp_path / "out", "char", val_fraction=0, workers=2, progress=False)
+    tokenizer = kn.tokenizers.Tokenizer.from_config(manifest["tokenizer"]["config"])
+    assert tokenizer.size == 2 + 9 + 1 and manifest["tokenizer"]["end_of_text_id"] == 11
+    tokens = _tokens(tmp_path / "out", "train")
+    assert tokenizer.decode(tokens) == "abc\n" * 10 + "<|endoftext|>xyz é<|endoftext|>"
+
+
 def test_a_large_vocabulary_gets_llmc_uint32_shards(tmp_path):
-    (tmp_path / "a.txt").write_text("hello world\n" * 50)
-    manifest = kn.data.prepare(tmp_path / "a.txt", tmp_path / "out", ByteTokenizer(size=70_000), val_fraction=0,
-                               workers=1, progress=False)
+    characters = [chr(0x10000 + i) for i in range(66_000)]  # 66,003 ids with padding, unknown, end of text
+    (tmp_path / "a.txt").write_text(characters[-1] * 7 + "\n", encoding="utf-8")
+    large = kn.tokenizers.Tokenizer.for_corpus("char", characters)
+    manifest = kn.data.prepare(tmp_path / "a.txt", tmp_path / "out", large, val_fraction=0, workers=1,
+                               progress=False)
     head = np.fromfile(tmp_path / "out" / "train_000000.bin", "<i4", 256)
-    assert manifest["dtype"] == "uint32" and head[:3].tolist() == [20240801, 7, 601]
-    assert _tokens(tmp_path / "out", "train")[-1] == 69_999
+    assert manifest["dtype"] == "uint32" and head[:3].tolist() == [20240801, 7, 9]
+    assert _tokens(tmp_path / "out", "train").tolist() == [66_001] * 7 + [1, 66_002]
 
 
 def test_a_rerun_after_a_kill_keeps_finished_shards_and_leaves_no_half_written_one(tmp_path, pride_path,
                                                                                    monkeypatch):
     monkeypatch.setattr(corpus, "_PIECE_BYTES", 60_000)
     out = tmp_path / "out"
-    settings = dict(tokenizer=ByteTokenizer(), workers=1, shard_tokens=150_000, progress=False)
+    settings = dict(tokenizer=BYTES, workers=1, shard_tokens=150_000, progress=False)
     closed = []
     original = corpus._ShardWriter.close
 
@@ -185,12 +170,13 @@ def test_a_rerun_after_a_kill_keeps_finished_shards_and_leaves_no_half_written_o
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: ([p / "missing.txt"], ByteTokenizer()), r"No such source file or folder: '.*missing\.txt'"),
-    (lambda p: ([str(p / "*.nothing")], ByteTokenizer()), r"source glob '.*\*\.nothing' matches no file"),
-    (lambda p: ([p / "empty.txt"], ByteTokenizer()), r"corpus is empty: '.*empty\.txt' hold"),
-    (lambda p: ([p / "ok.txt"], "not a tokenizer"), r"`tokenizer` must be a kn.tokenizers.Tokenizer"),
-    (lambda p: ([p / "bad.jsonl"], ByteTokenizer()), r"'.*bad\.jsonl' line 1 has no string field 'text'"),
-    (lambda p: ([p / "bad.parquet"], ByteTokenizer()), r"'.*bad\.parquet' is not a readable parquet file"),
+    (lambda p: ([p / "missing.txt"], BYTES), r"No such source file or folder: '.*missing\.txt'"),
+    (lambda p: ([str(p / "*.nothing")], BYTES), r"source glob '.*\*\.nothing' matches no file"),
+    (lambda p: ([p / "empty.txt"], BYTES), r"corpus is empty: '.*empty\.txt' hold"),
+    (lambda p: ([p / "ok.txt"], "nonsense"), r"`tokenizer` must be one of \('char', .*got 'nonsense'"),
+    (lambda p: ([p / "ok.txt"], 42), r"`tokenizer` must be a tokenizer name .*got int"),
+    (lambda p: ([p / "bad.jsonl"], BYTES), r"'.*bad\.jsonl' line 1 has no string field 'text'"),
+    (lambda p: ([p / "bad.parquet"], BYTES), r"'.*bad\.parquet' is not a readable parquet file"),
 ])
 def test_bad_sources_are_named_before_any_work(tmp_path, make, message):
     (tmp_path / "empty.txt").write_text("")
@@ -203,12 +189,20 @@ def test_bad_sources_are_named_before_any_work(tmp_path, make, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_tokenizer_without_end_of_text_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("abc\n")
+    plain = kn.tokenizers.Tokenizer(kn.data.make_vectorizer("abc\n"))
+    with pytest.raises(ValueError, match=r"`tokenizer` \(char tokenizer, .*\) has no <\|endoftext\|> token"):
+        kn.data.prepare(tmp_path / "a.txt", tmp_path / "out", plain, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_that_is_not_empty_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("text\n")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.md").write_text("mine")
     with pytest.raises(ValueError, match=r"`out` folder '.*out' is not empty"):
-        kn.data.prepare(tmp_path / "a.txt", tmp_path / "out", ByteTokenizer(), progress=False)
+        kn.data.prepare(tmp_path / "a.txt", tmp_path / "out", BYTES, progress=False)
 
 
 # -- reading ---------------------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ def prepared(tmp_path_factory):
         letters = rng.integers(97, 123, 3000 + 700 * i).astype(np.uint8)
         letters[::50] = ord("\n")
         (folder / f"doc{i}.txt").write_bytes(bytes(letters))
-    kn.data.prepare(folder, folder / "out", ByteTokenizer(), val_fraction=0.2, workers=1, shard_tokens=2000,
+    kn.data.prepare(folder, folder / "out", BYTES, val_fraction=0.2, workers=1, shard_tokens=2000,
                     progress=False)
     return folder / "out"
 

@@ -46,25 +46,12 @@ SCRIPT = textwrap.dedent("""
 """ % STEPS)
 
 
-class ByteTokenizer:
-    size, end_of_text_id = 257, 256
-
-    def encode(self, text):
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-    def get_config(self):
-        return {}
-
-    def fingerprint(self):
-        return "bytes"
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     with open(os.path.join(os.environ["KERAS_HOME"], "datasets", "pride_and_prejudice.txt"), encoding="utf-8") as f:
         (root / "pride.txt").write_text(f.read()[:40_000], encoding="utf-8")
-    kn.data.prepare(root / "pride.txt", root / "out", ByteTokenizer(), workers=1, progress=False)
+    kn.data.prepare(root / "pride.txt", root / "out", "byte", workers=1, progress=False)
     return root / "out"
 
 
