@@ -32,7 +32,7 @@ _PARAGRAPH = re.compile(rb"\S(\s*?\n[ \t\r\f\v]*\n)")
 _GUTENBERG_END = re.compile(rb"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)  # data.py's, in bytes
 
 
-def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field="text",
+def prepare(sources, out, tokenizer="gpt2", val_fraction=0.1, workers=None, text_field="text",
             shard_tokens=100_000_000, progress=True):
     """Tokenize text files, `.jsonl` and `.parquet` files into train and validation token shards in `out`.
 
@@ -50,7 +50,8 @@ def prepare(sources, out, tokenizer, val_fraction=0.1, workers=None, text_field=
         tokenizer: what `kn.tokenizers.Tokenizer.for_corpus` takes: "char" (its vocabulary learned from the
             corpus in one streaming pass), "byte", "gpt2", "word" / "wordpiece" / "sentencepiece" (learned
             from the corpus's start), a `.keras` model's path (its own tokenizer), a `Tokenizer` or a
-            `tiktoken.Encoding`. Its `<|endoftext|>` id ends every document.
+            `tiktoken.Encoding`. Its `<|endoftext|>` id ends every document. "gpt2" downloads its BPE file on
+            first use (tiktoken caches it).
         val_fraction: the share of documents (or of the text) for validation, in [0, 1).
         workers: processes that tokenize (default: every core).
         text_field: the field of a `.jsonl` object / column of a parquet table that holds the text.

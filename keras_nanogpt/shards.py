@@ -234,7 +234,7 @@ class TokenWindows:
     Batch `k` is a pure function of the shards, the settings, the seed and `k`: "random" draws each start
     uniformly (nanoGPT's `get_batch`) from a generator seeded by `(seed, k)`; "shuffled" visits every
     back-to-back window once per epoch, in an order that a keyed Feistel permutation of the window indices
-    gives (a new key each epoch; nothing the size of the corpus is stored). Files are mapped on first use.
+    gives (a new key each epoch; nothing the size of the corpus is stored). The files are mapped, not read.
 
     Args:
         files: shard files, in order.
@@ -256,8 +256,8 @@ class TokenWindows:
         self.sequence_length, self.batch_size, self.sampling, self.seed = (
             sequence_length, batch_size, sampling, int(seed))
         self.rows = rows or (0, batch_size)
-        self._tokens = [None] * len(self.files)
-        counts = np.array([len(open_shard(f, headerless)) for f in self.files], np.int64)  # headers only
+        self._tokens = [open_shard(f, headerless) for f in self.files]  # maps: only the headers are read
+        counts = np.array([len(tokens) for tokens in self._tokens], np.int64)
         if sampling == "random":
             per_file = np.maximum(counts - sequence_length, 0)  # starts whose window fits in the file
         else:
@@ -286,13 +286,8 @@ class TokenWindows:
             offset = int(window - self._first[file])
             if self.sampling == "shuffled":
                 offset *= self.sequence_length
-            out[row] = self._mapped(file)[offset:offset + self.sequence_length + 1]
+            out[row] = self._tokens[file][offset:offset + self.sequence_length + 1]
         return out
-
-    def _mapped(self, i):
-        if self._tokens[i] is None:
-            self._tokens[i] = open_shard(self.files[i], self.headerless)
-        return self._tokens[i]
 
 
 def feistel_permutation(x, n, key, rounds=4):
