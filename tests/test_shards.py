@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import pytest
 from conftest import BACKEND, QUICK_COMPILE, free_port
 
 import keras_nanogpt as kn
-from keras_nanogpt import corpus, shards
+from keras_nanogpt import corpus, shards, sources
 
 BYTES = kn.tokenizers.Tokenizer.for_corpus("byte")  # 257 ids: the 256 bytes, then <|endoftext|>
 
@@ -54,10 +55,11 @@ def _write_llmc(path, tokens, magic=20240520):
 # -- prepare ---------------------------------------------------------------------------------------------
 
 def test_a_novel_in_pieces_gives_the_cleaned_text_with_its_last_tenth_for_validation(tmp_path, pride_path,
-                                                                                       monkeypatch):
-    monkeypatch.setattr(corpus, "_PIECE_BYTES", 60_000)  # about 12 pieces, several shards, 2 workers
-    manifest = kn.data.prepare(pride_path, tmp_path / "out", BYTES, workers=2, shard_tokens=150_000,
-                               progress=False)
+                                                                                       monkeypatch, capsys):
+    monkeypatch.setattr(sources, "PIECE_BYTES", 60_000)  # about 12 pieces, several shards, 2 workers
+    manifest = kn.data.prepare(pride_path, tmp_path / "out", BYTES, workers=2, shard_tokens=150_000)
+    assert re.search(r"prepare: 100\.0% of 0\.7 MB, 691,844 tokens, [\d,]+ tokens/s, 0:00 left\n$",
+                     capsys.readouterr().err)
     with open(pride_path, encoding="utf-8") as f:
         expected = BYTES.encode(kn.data.clean_text(f.read()))
     train, val = _tokens(tmp_path / "out", "train"), _tokens(tmp_path / "out", "val")
@@ -78,7 +80,7 @@ def test_a_novel_in_pieces_gives_the_cleaned_text_with_its_last_tenth_for_valida
 
 
 def test_pieces_cut_at_paragraphs_tokenize_as_the_whole_text_does(tmp_path, pride_path, monkeypatch):
-    monkeypatch.setattr(corpus, "_PIECE_BYTES", 20_000)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 20_000)
     with open(pride_path, encoding="utf-8") as f:
         text = kn.data.clean_text(f.read())[:200_000] + "\n\n\n  The end.\n"
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
@@ -135,7 +137,7 @@ def test_a_large_vocabulary_gets_llmc_uint32_shards(tmp_path):
 
 def test_a_rerun_after_a_kill_keeps_finished_shards_and_leaves_no_half_written_one(tmp_path, pride_path,
                                                                                    monkeypatch):
-    monkeypatch.setattr(corpus, "_PIECE_BYTES", 60_000)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 60_000)
     out = tmp_path / "out"
     settings = dict(tokenizer=BYTES, workers=1, shard_tokens=150_000, progress=False)
     closed = []
