@@ -340,7 +340,8 @@ def token_dataset(path, sequence_length, batch_size, split="train", sampling="ra
 
     Under JAX multi-host `keras.distribution` (more than one process), each process reads only the rows
     that Keras's data sharding hands it, `[i * batch_size / P, (i + 1) * batch_size / P)` of every global
-    batch, and leaves the others zero; the union over the processes is the one-process batch.
+    batch, and leaves the others zero; the union over the processes is the one-process batch. Make the
+    dataset after `kn.distribute.scope("multi-host")` (asking JAX for the process count starts its backend).
 
     Args:
         path: a `prepare` folder, a folder of llm.c / modded-nanogpt shards, a nanoGPT folder (`train.bin`,
