@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import numpy as np
@@ -316,6 +317,16 @@ def test_llmc_shards_load_as_they_are(tmp_path, magic):
         assert np.array_equal(y[:, -1], x[:, 0] + 10) and np.all(x[:, 0] % 10 == 0)
     x, _ = next(iter(kn.data.token_dataset(str(tmp_path / "fineweb_train_*.bin"), 10, 4, seed=0)))
     assert np.asarray(x).max() < 1000
+
+
+def test_the_first_batch_of_a_2_gb_corpus_comes_at_once(tmp_path):
+    for i in range(10):  # sparse files: 1e9 uint16 tokens that take no disk and would take long to read
+        with open(tmp_path / f"big_train_{i:06d}.bin", "wb") as f:
+            f.write(shards.header(100_000_000, np.uint16).tobytes())
+            f.truncate(shards.HEADER_BYTES + 2 * 100_000_000)
+    start = time.monotonic()
+    x, _ = next(iter(kn.data.token_dataset(tmp_path, 1024, 8, sampling="shuffled", seed=0)))
+    assert time.monotonic() - start < 5 and np.asarray(x).shape == (8, 1024)
 
 
 @pytest.mark.parametrize("damage, message", [
