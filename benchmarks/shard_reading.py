@@ -98,14 +98,14 @@ def in_memory(tokens, sequence_length, batch_size):
             .batch(batch_size, drop_remainder=True).prefetch(4))
 
 
-def training(folder, steps):
+def training(folder, steps, rounds):
     """fit steps/s from shards and from in-memory windows (same model, same size; the second fit of each timed)."""
     sequence_length, batch_size = 64, 12
     tokens = np.asarray(shards.open_shard(shards.shard_files(folder)[0][0])[:2_000_000]).astype(np.int32)
     sources = {"shards": kn.data.token_dataset(folder, sequence_length, batch_size, seed=0),
                "in_memory": in_memory(tokens, sequence_length, batch_size)}
     rates = {}
-    for rounds in range(2):  # alternate, so that load changes hit both alike
+    for _ in range(rounds):  # alternate, so that load changes hit both alike
         for name, dataset in sources.items():
             keras.utils.set_random_seed(0)
             model = kn.NanoGPT(257, sequence_length, 4, 4, 128)
@@ -116,6 +116,7 @@ def training(folder, steps):
             rates.setdefault(name, []).append(steps / (time.perf_counter() - start))
     best = {name: round(max(r), 2) for name, r in rates.items()}
     return {"backend": keras.backend.backend(), "steps": steps, "steps_per_s": best,
+            "all_steps_per_s": {name: [round(x, 2) for x in r] for name, r in rates.items()},
             "shards_over_in_memory": round(best["shards"] / best["in_memory"], 3)}
 
 
@@ -126,6 +127,8 @@ def main():
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--steps", type=int, default=200, help="timed fit steps per run (0: no training)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed fits per data source, alternating")
+    parser.add_argument("--no-reading", action="store_true", help="skip the reading figures")
     args = parser.parse_args()
     report = _common.machine()
     scratch = tempfile.mkdtemp(prefix="shard_reading_")
@@ -142,9 +145,10 @@ def main():
             report["prepare"] = {"source_mb": round(source_bytes / 1e6, 1), "tokens": tokens,
                                  "workers": args.workers, "seconds": round(seconds, 2),
                                  "tokens_per_s": round(tokens / seconds)}
-        report["reading"] = [reading(folder, t, b, args.batches) for t, b in ((64, 12), (256, 32), (1024, 8))]
+        if not args.no_reading:
+            report["reading"] = [reading(folder, t, b, args.batches) for t, b in ((64, 12), (256, 32), (1024, 8))]
         if args.steps:
-            report["training"] = training(folder, args.steps)
+            report["training"] = training(folder, args.steps, args.rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["load_average_at_end"] = _common.load_average()
