@@ -60,7 +60,7 @@ def main():
                                        batch_size=args.batch_size, validation_split=0.1,
                                        sampling="random", seed=args.seed)
     val = val.take(args.eval_batches)
-    print(f"{len(text):,} characters, {len(kn.data.encode(model.vectorizer, text)):,} GPT-2 tokens")
+    print(f"{len(text):,} characters, {len(model.tokenizer.encode(text)):,} GPT-2 tokens")
 
     eval_every = min(args.eval_every, args.steps)
     model.compile(optimizer=kn.training.nanogpt_optimizer(

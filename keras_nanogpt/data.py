@@ -94,7 +94,10 @@ def load_text(name_or_path, encoding="utf-8", errors="strict"):
 
 
 def clean_text(text):
-    """Drop a BOM and a Project Gutenberg header/footer, and turn CRLF/CR line endings into LF.
+    """Drop a BOM and Project Gutenberg headers/footers, and turn CRLF/CR line endings into LF.
+
+    A file of several Gutenberg books keeps every book: the text between each START marker and the
+    END marker after it, books separated by a blank line (the licences and headers between them go).
 
     Args:
         text: the raw text.
@@ -104,16 +107,24 @@ def clean_text(text):
         'hi\\nthere\\n'
     """
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[:end.start()]
-    if start or end:
-        text = _PRODUCED_BY.sub("", text.strip())
-        text = _END_OF_EBOOK.sub("", text).strip() + "\n"
-    return text
+    starts = list(_GUTENBERG_START.finditer(text))
+    ends = list(_GUTENBERG_END.finditer(text))
+    if not starts and not ends:
+        return text
+    if not starts:
+        return _book(text[:ends[0].start()])
+    books = []
+    for index, start in enumerate(starts):
+        limit = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+        end = next((e.start() for e in ends if start.end() <= e.start() < limit), limit)
+        books.append(_book(text[start.end():end]))
+    return "\n".join(book for book in books if book.strip()) or "\n"
+
+
+def _book(text):
+    """One book's text without its "Produced by" credit and "End of Project Gutenberg" line."""
+    text = _PRODUCED_BY.sub("", text.strip())
+    return _END_OF_EBOOK.sub("", text).strip() + "\n"
 
 
 def __getattr__(name):

@@ -108,7 +108,7 @@ def vocabulary_json(model):
         >>> vocabulary_json(model)["level"]  # doctest: +SKIP
         'char'
     """
-    if model.vectorizer is None:
+    if model.tokenizer is None:
         raise ValueError("This model has no vectorizer, so the exported reference loops could not read or "
                          "write text; build it with `vectorizer=kn.data.make_vectorizer(text)`.")
     config = model.tokenizer.get_config()

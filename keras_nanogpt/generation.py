@@ -407,7 +407,7 @@ def _stop_sequences(model, stop):
     sequences = []
     for item in items:
         if isinstance(item, str):
-            if model.vectorizer is None:
+            if model.tokenizer is None:
                 raise ValueError(f"A `stop` string ({item!r}) needs a model with a `vectorizer`; "
                                  f"pass token ids instead.")
             ids = tuple(int(i) for i in model.tokenizer.encode(item))

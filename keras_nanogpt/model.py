@@ -42,7 +42,7 @@ class NanoGPT(keras.Model):
         norm: "layer" (LayerNorm) or "rms" (RMSNorm), in every block and at the end.
         zero_init_residual: start the residual output projections at zero (each block the identity).
         logit_softcap: squash the logits into (-cap, cap) as `cap * tanh(logits / cap)`, or None.
-        vectorizer: optional adapted tokenizer from `kn.data.make_vectorizer`; it is saved in the
+        vectorizer: optional tokenizer (`kn.data.make_vectorizer`'s layer or a `Tokenizer`); saved in the
             `.keras` file and lets `generate` take and return text.
 
     Example:
@@ -57,7 +57,8 @@ class NanoGPT(keras.Model):
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
                  norm="layer", zero_init_residual=False, logit_softcap=None, **kwargs):
         arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
-        tokenizer = None if vectorizer is None else tokenizers.Tokenizer(vectorizer).check_size(arguments["vocabulary_size"])
+        size = arguments["vocabulary_size"]
+        tokenizer = None if vectorizer is None else tokenizers.Tokenizer(vectorizer).check_size(size)
         super().__init__(**kwargs)
         for name, value in arguments.items():
             setattr(self, name, value)
@@ -113,15 +114,10 @@ class NanoGPT(keras.Model):
         _validation.check_choice("name", name, CONFIGS)
         return cls(vocabulary_size=vocabulary_size, **{**CONFIGS[name], **overrides})
 
-    @property
-    def vectorizer(self):
-        """The tokenizer layer saved with the model (a `TextVectorization` or keras-hub tokenizer), or None."""
-        return None if self.tokenizer is None else self.tokenizer.layer
-
-    @property
-    def tokenizer(self):
-        """The model's `kn.tokenizers.Tokenizer` (its special tokens included), or None."""
-        return self._tokenizer_holder.value
+    tokenizer = property(lambda self: self._tokenizer_holder.value,
+                         doc="The model's `kn.tokenizers.Tokenizer` (special tokens included), or None.")
+    vectorizer = property(lambda self: None if self.tokenizer is None else self.tokenizer.layer,
+                          doc="The tokenizer's Keras layer (`TextVectorization` or keras-hub), or None.")
 
     def call(self, token_ids, training=None):
         x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
@@ -295,9 +291,8 @@ class NanoGPT(keras.Model):
         return saving.from_preset(preset)
 
     def get_config(self):
-        tokenizer = self.tokenizer
         return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
-                "vectorizer": None if tokenizer is None else tokenizer.get_config(),
+                "vectorizer": None if self.tokenizer is None else self.tokenizer.get_config(),
                 **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
 
     @classmethod

@@ -105,7 +105,7 @@ def score(model, inputs, stride=None, batch_size=8):
     values = np.concatenate(values)
     scored = np.concatenate([values[row, first - begin:end - begin]
                              for row, (begin, end, first) in enumerate(windows)])
-    characters = None if model.vectorizer is None else count_characters(model.tokenizer, ids)
+    characters = None if model.tokenizer is None else count_characters(model.tokenizer, ids)
     return Score(token_ids=ids, log_probs=scored.astype("float32"), num_characters=characters)
 
 

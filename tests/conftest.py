@@ -76,6 +76,26 @@ def tiny_model(char_vectorizer):
                       num_layers=2, num_heads=2, hidden_dim=32, vectorizer=char_vectorizer)
 
 
+# Digits, punctuation and non-ASCII text the learned BPE below has merges for.
+BPE_EXTRA_TEXT = " 12345 2024 1999 3.14159 (x)--y! it's naïve café — 東京 😀\n" * 300
+
+
+@pytest.fixture(scope="session")
+def learned_bpe(small_text):
+    """A GPT-2-style byte-level BPE of 600 ids (`<|endoftext|>` last) learned from test text: no network."""
+    return kn.tokenizers.learn_bpe(small_text + BPE_EXTRA_TEXT, 600)
+
+
+def tiktoken_ranks(tokenizer):
+    """tiktoken's `mergeable_ranks` (token bytes -> id) of a BPE tokenizer's vocab.json, special tokens left out."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+    special = tokenizer.special_tokens
+    return {bytes(to_byte[c] for c in token): i for token, i in tokenizer.get_config()["vocabulary"].items()
+            if token not in special}
+
+
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 

@@ -31,6 +31,21 @@ def test_gutenberg_cleaning_of_a_local_file(tmp_path):
     assert kn.data.clean_text("plain\r\ntext") == "plain\ntext"
 
 
+def test_several_gutenberg_books_in_one_file_are_all_kept(tmp_path):
+    def book(title, body):
+        return (f"The Project Gutenberg EBook of {title}\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK "
+                f"{title.upper()} ***\r\nProduced by Someone\r\n\r\n{body}\r\n\r\nEnd of the Project Gutenberg "
+                f"EBook of {title}\r\n*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\r\n"
+                f"Licence of {title}.\r\n")
+
+    path = tmp_path / "books.txt"
+    path.write_bytes(("\ufeff" + book("One", "First story.\r\nIt ends.") + book("Two", "Second story.")
+                      + book("Three", "Third story.")).encode("utf-8"))
+    text = kn.data.load_text(path)
+    assert text == "First story.\nIt ends.\n\nSecond story.\n\nThird story.\n"
+    assert "Licence" not in text and "Gutenberg" not in text and "Produced" not in text
+
+
 def test_char_vectorizer_round_trips_exactly(small_text, char_vectorizer):
     ids = kn.data.encode(char_vectorizer, small_text)
     assert len(ids) == len(small_text) and ids.min() >= 2

@@ -110,8 +110,8 @@ train_ds, val_ds = kn.data.make_datasets(text, vectorizer, sequence_length=SEQUE
     ("code", """\
 inputs, targets = next(train_ds.as_numpy_iterator())
 print("inputs", inputs.shape, "targets", targets.shape)
-print("inputs: ", repr(kn.data.decode(vectorizer, inputs[0])))
-print("targets:", repr(kn.data.decode(vectorizer, targets[0])))"""),
+print("inputs: ", repr(kn.tokenizers.Tokenizer(vectorizer).decode(inputs[0])))
+print("targets:", repr(kn.tokenizers.Tokenizer(vectorizer).decode(targets[0])))"""),
     ("markdown", """\
 ## 3. The model
 

@@ -46,7 +46,7 @@ def create_app(model, name="nanogpt", api_key=None, max_batch=32, max_queue=64, 
     Example:
         >>> app = create_app(model, name="pride", api_key="secret")  # doctest: +SKIP
     """
-    if model.vectorizer is None:
+    if model.tokenizer is None:
         raise ValueError("`model` has no vectorizer, so it cannot read text prompts; serve a model "
                          "trained with one (NanoGPT(..., vectorizer=...)).")
     if not isinstance(name, str) or not name:
