@@ -50,6 +50,8 @@ class PreemptibleBackup(keras.callbacks.Callback):
     skip the steps already trained and give `fit` a fixed `steps_per_epoch` (the first epoch after a
     resume runs only the steps that remained in it). `restore` returns the step to skip to; without it,
     `fit` restores the backup itself when it starts and the data starts where the dataset starts.
+    For token shards the step is the data position: `kn.data.token_dataset(..., seed=seed, start=step)`
+    continues the stream at that batch without reading the ones before it.
 
     The backup stays after `fit` ends (it holds the final step, so running the same script again trains
     nothing more): call `delete()` once the model is saved. Under JAX multi-host every process must see the

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_nanogpt import _validation, tokenizers
+from keras_nanogpt.corpus import prepare  # noqa: F401  (token shards: corpus.py writes them, shards.py reads)
+from keras_nanogpt.shards import token_dataset  # noqa: F401
 # The tokenizer names kn.data documents; they live in keras_nanogpt.tokenizers. Its old tokenizer functions
 # (encode, decode, vocabulary_size, warn_unknown, vectorizer_to_config, vectorizer_from_config) are
 # deprecated shims, served by `__getattr__` below.
