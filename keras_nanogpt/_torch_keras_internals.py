@@ -10,7 +10,7 @@ Checked against Keras 3.15.1 with torch 2.13.0.
 | `track_variables` | `TorchLayer._track_variables` | backends.retrack_variables |
 | `seeded_categorical`, `traceable_categorical` | Keras's torch seeding (`torch_seed_generator`) | `_torch_compile` |
 | `traceable_draws` | `keras.src.backend.torch.random.categorical` | `_torch_compile._traced_draw` |
-| `conditions_in_the_graph` | `keras.src.backend.torch.core.cond`, `.convert_to_numpy` | `_torch_training` (traced step) |
+| `conditions_in_the_graph` | `keras.src.backend.torch.core.cond`, `convert_to_numpy` | `_torch_training` |
 | `current_stateless_scope` | `keras.src.backend.get_stateless_scope` | `_torch_training` (traced `cond`) |
 
 `traceable_draws` is the one place the package puts a function of its own into Keras: once, a dispatcher

@@ -4,6 +4,8 @@
     keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
     keras-nanogpt generate pride.keras --prompt "It is a truth" --max-new-tokens 200 --top-k 40
     keras-nanogpt evaluate pride.keras --text pride_and_prejudice
+    keras-nanogpt prepare web/*.jsonl books/ --out shards --tokenizer gpt2
+    keras-nanogpt train --data shards --config gpt2 --steps 600000 --out gpt2.keras --checkpoint-dir ckpt
     keras-nanogpt export pride.keras serving/
     keras-nanogpt export --format onnx pride.keras pride_onnx/
     keras-nanogpt bench --backends tensorflow --precisions fp32
@@ -53,7 +55,9 @@ def build_parser():
     # `train`'s flags are the fields of kn.training.TrainingJob, with its defaults.
     recipes = kn.training.RECIPES
     train = commands.add_parser("train", help="train a model on a text and save it (kn.training.train)")
-    train.add_argument("--text", required=True, help="corpus name (pride_and_prejudice, tinyshakespeare) or path")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="corpus name (pride_and_prejudice, tinyshakespeare) or path")
+    source.add_argument("--data", help="a folder of token shards (keras-nanogpt prepare), streamed from disk")
     train.add_argument("--level", help=f"tokens: {', '.join(kn.data.LEVELS)} (default: char)")
     train.add_argument("--config", help=f"named size: {', '.join(kn.CONFIGS)} (default: nano)")
     train.add_argument("--layers", type=int)
@@ -108,9 +112,22 @@ def build_parser():
 
     evaluate = commands.add_parser("evaluate", help="validation loss, perplexity and accuracy")
     evaluate.add_argument("model")
-    evaluate.add_argument("--text", required=True)
+    scored = evaluate.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--text", help="corpus name or path: its held-out end is scored")
+    scored.add_argument("--data", help="a folder of token shards: batches of its val split are scored")
     evaluate.add_argument("--validation-split", type=float, default=0.1)
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batches", type=int, default=100, help="with --data: batches of the val split")
+
+    prepare = commands.add_parser("prepare", help="tokenize text, .jsonl and .parquet files into token shards "
+                                                  "(kn.data.prepare)")
+    prepare.add_argument("sources", nargs="+", help="text files, folders, globs, .jsonl or .parquet files")
+    prepare.add_argument("--out", required=True, help="the folder for the shards and manifest.json")
+    prepare.add_argument("--tokenizer", default="gpt2",
+                         help="gpt2 (tiktoken), char, byte, word, wordpiece, sentencepiece or a MODEL.keras")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="the share of documents held out")
+    prepare.add_argument("--workers", type=int, help="tokenizing processes (default: every core)")
+    prepare.add_argument("--text-field", default="text", help="the text field of .jsonl / .parquet documents")
 
     export = commands.add_parser("export", help="write a serving artefact: SavedModel, preset, ONNX or LiteRT")
     export.add_argument("model")
@@ -164,7 +181,7 @@ def main(argv=None):
         if argv[:1] == ["bench"]:
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"train": train, "generate": generate, "evaluate": evaluate, "export": export,
+        return {"train": train, "generate": generate, "evaluate": evaluate, "prepare": prepare, "export": export,
                 "quantize": quantize, "serve": serve}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -206,6 +223,13 @@ def _named_as_flags(names):
         raise
 
 
+def prepare(args):
+    manifest = kn.data.prepare(args.sources, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                               workers=args.workers, text_field=args.text_field)
+    print(json.dumps({"out": args.out, "tokens": manifest["tokens"], "documents": manifest["documents"]}))
+    return 0
+
+
 def generate(args):
     model = kn.load_model(args.model)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -225,11 +249,14 @@ def evaluate(args):
     if not 0.0 < args.validation_split < 1.0:  # before loading anything (kn.scoring.evaluate_text checks it too)
         raise ValueError(f"`--validation-split` must be in (0.0, 1.0); got {args.validation_split}.")
     model = kn.load_model(args.model)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model!r} has no tokenizer, so it cannot read text.")
-    with _named_as_flags(("validation_split", "batch_size")):
-        report = kn.scoring.evaluate_text(model, kn.data.load_text(args.text), args.validation_split,
-                                          args.batch_size)
+    with _named_as_flags(("validation_split", "batch_size", "batches", "data")):
+        if args.data is not None:
+            report = kn.scoring.evaluate_shards(model, args.data, args.batch_size, args.batches)
+        else:
+            if model.tokenizer is None:
+                raise ValueError(f"{args.model!r} has no tokenizer, so it cannot read text.")
+            report = kn.scoring.evaluate_text(model, kn.data.load_text(args.text), args.validation_split,
+                                              args.batch_size)
     bits = report["bits_per_character"]
     print(json.dumps({"validation_loss": round(report["validation_loss"], 4),
                       "perplexity": round(report["perplexity"], 3),

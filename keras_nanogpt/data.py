@@ -1,17 +1,20 @@
-"""Text in, training windows out: loading and cleaning, and tf.data pipelines (tokenizers: `tokenizers.py`).
+"""Text in, training windows out: loading a text (cleaned by `cleaning.py`) and tf.data pipelines of windows.
+
+Tokenizers are `tokenizers.py`'s; corpora larger than memory go through `prepare` and `token_dataset`
+(token shards on disk: `corpus.py`, `shards.py`), which this module re-exports as `kn.data`'s names.
 
 TensorFlow is used here (tf.data runs as the input pipeline under every backend).
 """
 
 import codecs
 import os
-import re
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_nanogpt import _validation, tokenizers
+from keras_nanogpt.cleaning import clean_text  # noqa: F401  (kn.data.clean_text; load_text calls it)
 from keras_nanogpt.corpus import prepare  # noqa: F401  (token shards: corpus.py writes them, shards.py reads)
 from keras_nanogpt.shards import token_dataset  # noqa: F401
 # The tokenizer names kn.data documents; they live in keras_nanogpt.tokenizers. Its old tokenizer functions
@@ -33,10 +36,6 @@ KNOWN_TEXTS = {
 }
 SAMPLINGS = ("sequential", "random")
 _PREFETCH_BATCHES = 4  # batches each pipeline makes ahead of the model
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
-_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
-_PRODUCED_BY = re.compile(r"^Produced by[^\n]*(\n[^\n]+)*\n+")
-_END_OF_EBOOK = re.compile(r"\n+End of (the )?Project Gutenberg[^\n]*$", re.IGNORECASE)
 
 
 def load_text(name_or_path, encoding="utf-8", errors="strict"):
@@ -91,40 +90,6 @@ def load_text(name_or_path, encoding="utf-8", errors="strict"):
     if not text.strip():
         raise ValueError(f"{path!r} holds no text (it is empty or only whitespace).")
     return text
-
-
-def clean_text(text):
-    """Drop a BOM and Project Gutenberg headers/footers, and turn CRLF/CR line endings into LF.
-
-    A file of several Gutenberg books keeps every book: the text between each START marker and the
-    END marker after it, books separated by a blank line (the licences and headers between them go).
-
-    Args:
-        text: the raw text.
-
-    Example:
-        >>> clean_text("\\ufeffhi\\r\\nthere\\r\\n")
-        'hi\\nthere\\n'
-    """
-    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    starts = list(_GUTENBERG_START.finditer(text))
-    ends = list(_GUTENBERG_END.finditer(text))
-    if not starts and not ends:
-        return text
-    if not starts:
-        return _book(text[:ends[0].start()])
-    books = []
-    for index, start in enumerate(starts):
-        limit = starts[index + 1].start() if index + 1 < len(starts) else len(text)
-        end = next((e.start() for e in ends if start.end() <= e.start() < limit), limit)
-        books.append(_book(text[start.end():end]))
-    return "\n".join(book for book in books if book.strip()) or "\n"
-
-
-def _book(text):
-    """One book's text without its "Produced by" credit and "End of Project Gutenberg" line."""
-    text = _PRODUCED_BY.sub("", text.strip())
-    return _END_OF_EBOOK.sub("", text).strip() + "\n"
 
 
 def __getattr__(name):

@@ -157,6 +157,35 @@ def evaluate_text(model, text, validation_split=0.1, batch_size=32):
             "accuracy": float(results.get("accuracy", math.nan))}
 
 
+def evaluate_shards(model, path, batch_size=32, batches=100):
+    """The model's loss, perplexity and accuracy on `batches` batches of token shards' "val" split (the
+    same batches each call: back-to-back windows in the order seed 0 gives; `keras-nanogpt evaluate --data`).
+
+    Args:
+        model: a `NanoGPT` (compiled with the defaults when it is not compiled); when the shards record a
+            tokenizer, it must be the model's.
+        path: what `kn.data.token_dataset` reads: a `prepare` folder, llm.c shards or nanoGPT's files.
+        batch_size: windows per batch.
+        batches: batches scored (>= 1).
+
+    Returns:
+        A dict as `evaluate_text` gives; "bits_per_character" is None (shards hold no characters).
+
+    Example:
+        >>> evaluate_shards(model, "shards", batches=20)  # doctest: +SKIP
+        {'validation_loss': 3.31, 'perplexity': 27.4, 'bits_per_character': None, 'accuracy': 0.36}
+    """
+    batches = _validation.check_int("batches", batches)
+    val = data.token_dataset(path, model.sequence_length, batch_size, split="val", sampling="shuffled",
+                             seed=0, tokenizer=model.tokenizer).take(batches)
+    if not model.compiled:
+        model.compile()
+    results = model.evaluate(val, verbose=0, return_dict=True)
+    loss = float(results["loss"])
+    return {"validation_loss": loss, "perplexity": math.exp(loss), "bits_per_character": None,
+            "accuracy": float(results.get("accuracy", math.nan))}
+
+
 def _token_ids(model, inputs):
     if isinstance(inputs, str):
         ids = tokenizers.prompt_ids(model.tokenizer, inputs, name="inputs")

@@ -23,7 +23,7 @@ import pickle
 import numpy as np
 import tensorflow as tf
 
-from keras_nanogpt import _validation, distribute
+from keras_nanogpt import _validation, distribute, tokenizers
 
 HEADER_INTS = 256  # the header: 256 little-endian int32 (1024 bytes)
 HEADER_BYTES = HEADER_INTS * 4
@@ -330,7 +330,7 @@ def _mix(z):
 
 
 def token_dataset(path, sequence_length, batch_size, split="train", sampling="random", seed=None, start=0,
-                  process_index=None, process_count=None):
+                  process_index=None, process_count=None, tokenizer=None):
     """A `tf.data.Dataset` of `(ids, next_ids)` batches read from token shards through memory maps.
 
     The stream never ends: "random" draws windows at random offsets as nanoGPT's `get_batch` does;
@@ -354,6 +354,8 @@ def token_dataset(path, sequence_length, batch_size, split="train", sampling="ra
         start: the first batch of the stream: a resumed run passes the step its backup restored.
         process_index: this process's index (default: JAX's, 0 elsewhere).
         process_count: the number of processes reading (default: JAX's, 1 elsewhere).
+        tokenizer: the model's tokenizer (a `Tokenizer` or its layer), or None: shards whose manifest
+            records another tokenizer are refused, with an error naming both.
 
     Returns:
         A dataset of `(ids, next_ids)`, each `(batch_size, sequence_length)` int32.
@@ -380,6 +382,10 @@ def token_dataset(path, sequence_length, batch_size, split="train", sampling="ra
         raise ValueError(f"`batch_size`={batch_size} must be a multiple of the {count} processes "
                          f"(each reads batch_size / processes rows).")
     files, headerless = shard_files(path, split)
+    if tokenizer is not None and os.path.isfile(os.path.join(os.fspath(path), MANIFEST)):
+        tokenizers.Tokenizer(tokenizer).check_same(
+            tokenizers.Tokenizer.from_config(read_manifest(path)["tokenizer"]["config"]),
+            what=f"the token shards in {os.fspath(path)!r}", this="the given tokenizer")
     meta = os.path.join(os.path.dirname(files[0]), "meta.pkl")
     if headerless and os.path.isfile(meta):
         read_meta(meta)  # a pickle that is not plain data is refused before anything else

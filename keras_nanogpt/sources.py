@@ -12,14 +12,14 @@ import re
 
 import numpy as np
 
-from keras_nanogpt import data, shards
+from keras_nanogpt import cleaning, shards
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a folder's text files end with (a named file may end otherwise)
 PIECE_BYTES = 8 << 20  # source bytes per piece of work
 # Cut before the whitespace run that holds a blank line: no regex pre-tokenizer chunk of GPT-2's kind
 # spans a non-space/space boundary, so a document cut there tokenizes as it would whole.
 _PARAGRAPH = re.compile(rb"\S(\s*?\n[ \t\r\f\v]*\n)")
-_GUTENBERG_END = re.compile(rb"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)  # data.py's, in bytes
+_GUTENBERG_END = re.compile(rb"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)  # cleaning.py's, in bytes
 
 
 def expand(sources):
@@ -232,7 +232,7 @@ def texts(piece, text_field, sample=False):
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"{path!r} is not valid UTF-8 at byte {a + error.start}.") from None
-        return [_clean_piece(text, piece["first"], piece["last"], piece.get("footer", False))]
+        return [cleaning.clean_piece(text, piece["first"], piece["last"], piece.get("footer", False))]
     texts = []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -245,22 +245,6 @@ def texts(piece, text_field, sample=False):
             raise ValueError(f"{path!r}: a line in bytes {a}-{b} (its {number}th) is not a JSON object with a "
                              f"string {text_field!r} field.") from None
     return texts
-
-
-def _clean_piece(text, first, last, footer):
-    """`data.clean_text` for one piece of a document: the header goes with the first piece; the last one ends
-    where the licence footer began (`footer`: it was cut off when the pieces were planned)."""
-    if first and last and not footer:
-        return data.clean_text(text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if first:
-        text = text.lstrip("\ufeff")
-        start = data._GUTENBERG_START.search(text)
-        if start:
-            text = data._PRODUCED_BY.sub("", text[start.end():].lstrip())
-    if last and footer:
-        text = data._END_OF_EBOOK.sub("", text.rstrip()).rstrip() + "\n"
-    return text
 
 
 def held_out(piece, count):

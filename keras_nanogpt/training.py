@@ -5,6 +5,7 @@ The optimizers and their schedule live in `keras_nanogpt.optimizers`; their name
 (`kn.training.nanogpt_optimizer`, `kn.training.muon_optimizer`, ...)."""
 
 import dataclasses
+import glob
 import inspect
 import math
 import os
@@ -12,7 +13,8 @@ import typing
 
 import keras
 
-from keras_nanogpt import _validation, backends, backup, callbacks, configs, convert, data, distribute
+from keras_nanogpt import (_validation, backends, backup, callbacks, configs, convert, data, distribute, shards,
+                           tokenizers)
 from keras_nanogpt.model import NanoGPT, load_model
 from keras_nanogpt.optimizers import (  # noqa: F401 (kn.training's names)
     DECAY_SHAPES, MatrixDecayAdamW, MatrixDecayMuon, WarmupDecay, muon_optimizer, nanogpt_optimizer)
@@ -124,6 +126,8 @@ def default_warmup(total_steps):
     return min(100, total_steps // 10)
 
 
+VALIDATION_BATCHES = 20  # batches of a shards' "val" split that a `data` job validates on after each report
+
 RECIPES = {recipe.name: recipe for recipe in (
     Recipe("modern", "the modern architecture with Muon on the blocks' matrices and AdamW on the rest",
            "nano", configs.MODERN, _muon_recipe(), batch_size=32, steps=150, warmup_steps=40),
@@ -168,7 +172,12 @@ class TrainingJob:
 
     Args:
         text: what to train on: a known corpus name ("pride_and_prejudice", "tinyshakespeare") or a
-            text file's path (`kn.data.load_text`).
+            text file's path (`kn.data.load_text`). Give `text` or `data`.
+        data: or token shards on disk (`kn.data.prepare`'s folder, llm.c / modded-nanogpt shards, nanoGPT's
+            `train.bin` / `val.bin`), streamed through memory maps (`kn.data.token_dataset`, random windows
+            seeded by `seed`): a corpus of any size. Its tokenizer (the manifest's, or nanoGPT's `meta.pkl`)
+            becomes the new model's; a model given as `init` must have the same one. Validation: the first
+            `VALIDATION_BATCHES` batches of the shards' "val" split.
         out: the `.keras` file written when training completes.
         level: the tokenizer's level, one of `kn.data.LEVELS` (None: "char").
         config: a size of `kn.CONFIGS` (None: "nano").
@@ -202,8 +211,9 @@ class TrainingJob:
         >>> result = train(job)  # doctest: +SKIP
     """
 
-    text: str
     out: str
+    text: typing.Optional[str] = None
+    data: typing.Optional[str] = None
     level: typing.Optional[str] = None
     config: typing.Optional[str] = None
     layers: typing.Optional[int] = None
@@ -238,6 +248,16 @@ class TrainingJob:
                      "sequence_length", "lora_rank"):
             if getattr(self, name) is not None:
                 check.check_int(name, getattr(self, name))
+        if (self.text is None) == (self.data is None):
+            raise ValueError(f"Give `text` (a corpus name or a text file) or `data` (a folder of token shards), "
+                             f"one of them; got text={self.text!r}, data={self.data!r}.")
+        if self.data is not None:
+            if self.epochs is not None or self.level is not None:
+                raise ValueError("`epochs` and `level` are for `text`; token shards in `data` stream without end "
+                                 "(give `steps`) and bring their own tokenizer.")
+            if not os.path.exists(os.fspath(self.data)) and not glob.glob(os.fspath(self.data)):
+                raise FileNotFoundError(f"`data` {self.data!r} does not exist: give a folder of token shards "
+                                        f"(keras-nanogpt prepare ... --out DIR).")
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"Give `steps` or `epochs`, not both; got steps={self.steps}, epochs={self.epochs}.")
         if self.config is not None:
@@ -317,14 +337,13 @@ def train(job, log=print):
         backends.cache_compilations(job.compilation_cache)
     keras.utils.set_random_seed(job.seed)
     strategy = distribute.scope(job.strategy)  # before any JAX work: "multi-host" starts JAX's runtime
-    text = data.load_text(job.text)
+    source = _Source(job)
     recipe = RECIPES[job.recipe]
     with strategy:
-        model = _initial_model(job, log) if job.init else _new_model(job, text, recipe)
+        model = _initial_model(job, source, log) if job.init else _new_model(job, source, recipe)
         sequence_length = job.sequence_length or model.sequence_length
-        train_ds, val_ds = _datasets(job, text, model.tokenizer, sequence_length)
         if job.epochs is not None:
-            steps_per_epoch = int(train_ds.cardinality())
+            steps_per_epoch = int(source.datasets(model.tokenizer, sequence_length)[0].cardinality())
             total_steps = job.epochs * steps_per_epoch
         else:
             steps_per_epoch, total_steps = job.checkpoint_every, job.total_steps
@@ -337,18 +356,19 @@ def train(job, log=print):
             resumed = backups.restore(model)
             if resumed:
                 log(f"resuming from step {resumed}")
+        # The same batches as a run never stopped: the stream goes on after the `resumed` batches trained.
+        train_ds, val_ds = source.datasets(model.tokenizer, sequence_length, start=resumed)
         if job.tensorboard:
             fit_callbacks.append(keras.callbacks.TensorBoard(job.tensorboard))
         if job.prompt or job.tensorboard:
             fit_callbacks.append(callbacks.TextGenerationCallback(
-                job.prompt or text[:20], max_new_tokens=200, log_dir=job.tensorboard, temperature=0.8,
-                top_k=40, seed=job.seed))
+                job.prompt or source.sample_prompt(), max_new_tokens=200, log_dir=job.tensorboard,
+                temperature=0.8, top_k=40, seed=job.seed))
         if job.plot:
             fit_callbacks.append(callbacks.LossPlotCallback(job.plot))
         if backups is not None:
             fit_callbacks.append(backups)  # last: on a signal it stops after the other callbacks saw the step
-        # The same batches as a run never stopped: the random windows continue after the `resumed` trained.
-        history = model.fit(train_ds.repeat().skip(resumed), steps_per_epoch=steps_per_epoch,
+        history = model.fit(train_ds, steps_per_epoch=steps_per_epoch,
                             epochs=total_steps // steps_per_epoch, validation_data=val_ds,
                             callbacks=fit_callbacks, verbose=job.verbose)
     model.save(job.out)
@@ -357,18 +377,18 @@ def train(job, log=print):
     return TrainingResult(model, history, job.out, total_steps, resumed)
 
 
-def _new_model(job, text, recipe):
-    """A new `NanoGPT` of the job's size and the recipe's architecture, with a tokenizer learned from `text`."""
-    vectorizer = data.make_vectorizer(text, level=job.level or "char")
+def _new_model(job, source, recipe):
+    """A new `NanoGPT` of the job's size and the recipe's architecture, with the source's tokenizer."""
+    vectorizer = source.tokenizer() or data.make_vectorizer(source.text, level=job.level or "char")
     overrides = {key: value for key, value in (
         ("num_layers", job.layers), ("num_heads", job.heads), ("hidden_dim", job.hidden_dim),
         ("sequence_length", job.sequence_length), ("dropout", job.dropout)) if value is not None}
     return NanoGPT.from_config_name(job.config or "nano", vectorizer=vectorizer,
-                                    vocabulary_size=vectorizer.vocabulary_size(),
+                                    vocabulary_size=tokenizers.Tokenizer(vectorizer).size,
                                     **{**recipe.architecture, **overrides})
 
 
-def _initial_model(job, log):
+def _initial_model(job, source, log):
     """The model `job.init` names, with `job.lora_rank` adapters enabled; checked before training starts."""
     path = os.fspath(job.init)
     if os.path.isdir(path):
@@ -379,9 +399,11 @@ def _initial_model(job, log):
         model = load_model(path)
     else:
         raise ValueError(f"`init` must be a .keras file or a Hugging Face GPT-2 folder; got {path!r}.")
-    if model.tokenizer is None:
+    if model.tokenizer is None and source.text is not None:
         raise ValueError(f"`init` {path!r} has no tokenizer, so it cannot read `text`; save the model with "
                          "a vectorizer (a GPT-2 folder needs vocab.json and merges.txt).")
+    if source.data is not None:
+        source.datasets(model.tokenizer, job.sequence_length or model.sequence_length)  # refuses other tokenizers
     if job.sequence_length is not None and job.sequence_length > model.sequence_length:
         raise ValueError(f"`sequence_length` must be at most the model's context ({model.sequence_length}) "
                          f"with `init`; got {job.sequence_length}.")
@@ -394,8 +416,46 @@ def _initial_model(job, log):
     return model
 
 
-def _datasets(job, text, tokenizer, sequence_length):
-    """The job's `(train, validation)` tf.data windows of `(ids, next ids)`: the one place that turns the
-    job's source into batches (another source, such as token shards, slots in here)."""
-    return data.make_datasets(text, tokenizer, sequence_length, job.batch_size,
-                              validation_split=job.validation_split, sampling="random", seed=job.seed)
+class _Source:
+    """Where a job's batches come from: a text (`job.text`) or token shards on disk (`job.data`)."""
+
+    def __init__(self, job):
+        self.job, self.data = job, job.data
+        self.text = data.load_text(job.text) if job.text is not None else None
+        self.info = shards.token_info(job.data) if job.data is not None else None
+
+    def tokenizer(self):
+        """The shards' tokenizer (a `Tokenizer`), or None: a text's is learned; llm.c shards record none."""
+        if self.info is None:
+            return None
+        if self.info["tokenizer"]:
+            return tokenizers.Tokenizer.from_config(self.info["tokenizer"]["config"])
+        if self.info["meta"] and "itos" in self.info["meta"]:  # nanoGPT's char vocabulary
+            itos = self.info["meta"]["itos"]
+            return tokenizers.Tokenizer(data.make_vectorizer(level="char",
+                                                             vocabulary=[itos[i] for i in range(len(itos))]))
+        if not self.job.init:
+            raise ValueError(f"The token shards in `data` {self.data!r} record no tokenizer (no manifest.json or "
+                             f"meta.pkl): give `init`, the model whose tokenizer made them.")
+        return None
+
+    def datasets(self, tokenizer, sequence_length, start=0):
+        """`(train, validation)` batches of `(ids, next ids)`: the one place that turns the job's source into
+        batches. A text's random windows skip the `start` batches trained already; shards start there."""
+        job = self.job
+        if self.text is not None:
+            train, val = data.make_datasets(self.text, tokenizer, sequence_length, job.batch_size,
+                                            validation_split=job.validation_split, sampling="random",
+                                            seed=job.seed)
+            return train.repeat().skip(start), val
+        train = data.token_dataset(self.data, sequence_length, job.batch_size, sampling="random", seed=job.seed,
+                                   start=start, tokenizer=tokenizer)
+        val = None
+        if self.info["tokens"].get("val"):
+            val = data.token_dataset(self.data, sequence_length, job.batch_size, split="val",
+                                     sampling="shuffled", seed=job.seed, tokenizer=tokenizer).take(VALIDATION_BATCHES)
+        return train, val
+
+    def sample_prompt(self):
+        """The default prompt of text samples: the text's start, or the start of a line."""
+        return self.text[:20] if self.text is not None else "\n"

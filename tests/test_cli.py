@@ -242,3 +242,26 @@ def test_compilation_cache_keeps_the_jax_programs(workdir, tmp_path):
         return
     assert code == 0, err[-2000:]
     assert (tmp_path / "m.keras").exists() and len(list(cache.iterdir())) >= 2  # the train and test steps at least
+
+
+def test_prepare_then_train_and_evaluate_from_token_shards(workdir, tmp_path):
+    """The big-corpus path: `prepare` writes shards, `train --data` streams them, `evaluate --data` scores the
+    val split; a model with another tokenizer is refused, naming the shards."""
+    shards, model = tmp_path / "shards", tmp_path / "d.keras"
+    code, out, err = _finish(_start("prepare", workdir / "corpus.txt", "--out", shards, "--tokenizer", "char",
+                                    "--val-fraction", "0.1", "--workers", "1"))
+    assert code == 0, err
+    assert json.loads(out)["tokens"]["train"] > 5000 and (shards / "manifest.json").exists()
+    code, out, err = _finish(_start("train", "--data", shards, *TINY, "--steps", "4", "--checkpoint-every", "2",
+                                    "--out", model, "--verbose", "0"))
+    assert code == 0, err
+    assert "saved" in out and model.exists()
+    code, out, err = _finish(_start("evaluate", model, "--data", shards, "--batches", "2", "--batch-size", "4"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert 0 < report["validation_loss"] < 10 and report["bits_per_character"] is None
+    other = tmp_path / "bytes"
+    assert _finish(_start("prepare", workdir / "corpus.txt", "--out", other, "--tokenizer", "byte",
+                          "--workers", "1"))[0] == 0
+    code, out, err = _finish(_start("evaluate", model, "--data", other, "--batches", "1"))
+    assert code == 2 and "another tokenizer" in err and str(other) in err, err

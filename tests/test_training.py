@@ -146,8 +146,12 @@ def test_a_training_job_runs_from_python_and_saves_a_model_that_loads(small_text
     (dict(out="m.h5"), "`out` must end in .keras"),
     (dict(lora_rank=2), "give `init`"),
     (dict(init="base.keras", layers=2), "`layers` cannot be combined with `init`"),
+    (dict(text=None), "Give `text` (a corpus name or a text file) or `data`"),
+    (dict(data="shards"), "one of them"),
+    (dict(text=None, data="/no/such/shards"), "`data` '/no/such/shards' does not exist"),
+    (dict(text=None, data=".", epochs=1), "`epochs` and `level` are for `text`"),
 ])
 def test_a_training_job_names_a_bad_field_when_made(arguments, message):
-    with pytest.raises((ValueError, TypeError)) as caught:
+    with pytest.raises((ValueError, TypeError, FileNotFoundError)) as caught:
         kn.training.TrainingJob(**{"text": "corpus.txt", "out": "m.keras", **arguments})
     assert message in str(caught.value)
