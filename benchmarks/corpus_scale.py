@@ -135,6 +135,14 @@ def fit_steps(model, dataset, steps):
     return end - start, first["end"] - start
 
 
+def shard_tokenizer(path):
+    """The tokenizer a `prepare` folder's manifest records."""
+    import keras_nanogpt as kn
+    from keras_nanogpt import shards
+
+    return kn.tokenizers.Tokenizer.from_config(shards.token_info(path)["tokenizer"]["config"])
+
+
 def nano_model(vocabulary_size):
     import keras_nanogpt as kn
 
@@ -157,7 +165,7 @@ def memory_worker(args, mode, path):
         del text
     else:
         dataset = kn.data.token_dataset(path, NANO["sequence_length"], BATCH, sampling="random", seed=0)
-        vocabulary_size = kn.data.shard_tokenizer(path).size
+        vocabulary_size = shard_tokenizer(path).size
     next(iter(dataset.take(1)))
     first_batch = time.perf_counter() - start
     model = nano_model(vocabulary_size)
@@ -178,7 +186,7 @@ def memory(args, report):
         shards = os.path.join(args.workdir, f"shards_char_{size}MB")
         if not os.path.exists(os.path.join(shards, "manifest.json")):
             start = time.perf_counter()
-            kn.data.prepare([folder], shards, tokenizer="char", workers=args.workers)
+            kn.data.prepare([folder], shards, tokenizer="char", workers=args.workers, val_fraction=0.0)
             print(f"prepared {size} MB in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         runs.append({"corpus_mb": size, **_common.run_worker(__file__, "tensorflow", "memory", "shards", shards)})
         print(json.dumps(runs[-1]), file=sys.stderr)
@@ -201,10 +209,14 @@ def nanogpt_bpe_worker(encoding_file, jsonl, out, workers):
     `workers` processes, then every document's ids concatenated into a uint16 `.bin` through `np.memmap`."""
     import multiprocessing
 
+    import keras_nanogpt as kn
+
+    global _ENCODING
+    _ENCODING = bpe_encoding(kn.tokenizers.Tokenizer.load(encoding_file))  # made before the clock, as tiktoken's is
     start = time.perf_counter()
     with open(jsonl, encoding="utf-8") as f:
         documents = [json.loads(line)["text"] for line in f]
-    with multiprocessing.Pool(workers, initializer=_load_encoding, initargs=(encoding_file,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # the workers inherit the encoding
         ids = pool.map(_nanogpt_process, documents, chunksize=256)
     total = sum(len(x) for x in ids)
     array = np.memmap(out, dtype=np.uint16, mode="w+", shape=(total,))
@@ -220,11 +232,15 @@ def nanogpt_bpe_worker(encoding_file, jsonl, out, workers):
 _ENCODING = None
 
 
-def _load_encoding(encoding_file):
-    global _ENCODING
+def bpe_encoding(tokenizer):
+    """A tiktoken `Encoding` of a learned BPE `Tokenizer` (its ranks, GPT-2's pattern, `<|endoftext|>`)."""
+    import tiktoken
+
     import keras_nanogpt as kn
 
-    _ENCODING = kn.tokenizers.Tokenizer.load(encoding_file).encoding
+    ranks = tokenizer._base._ranks  # a benchmark may read it: the package's API takes the Encoding made here
+    return tiktoken.Encoding("benchmark_bpe", pat_str=kn.tokenizers.GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={kn.tokenizers.END_OF_TEXT: tokenizer.end_of_text_id})
 
 
 def _nanogpt_process(text):
@@ -248,11 +264,15 @@ def nanogpt_char_worker(path, out):
 
 
 def ours_prepare_worker(sources, out, tokenizer, workers):
+    """`kn.data.prepare` of `sources`: "char", or the path of a saved learned BPE (given as its tiktoken Encoding)."""
     import keras_nanogpt as kn
 
+    if tokenizer != "char":
+        tokenizer = bpe_encoding(kn.tokenizers.Tokenizer.load(tokenizer))
     start = time.perf_counter()
-    manifest = kn.data.prepare([sources], out, tokenizer=tokenizer, workers=int(workers), progress=False)
-    return {"tokens": int(manifest["tokens"]), "seconds": round(time.perf_counter() - start, 2),
+    manifest = kn.data.prepare([sources], out, tokenizer=tokenizer, workers=int(workers), val_fraction=0.0,
+                               progress=False)
+    return {"tokens": int(sum(manifest["tokens"].values())), "seconds": round(time.perf_counter() - start, 2),
             "peak_rss_mb": _common.peak_rss_mb(1)}
 
 
@@ -306,7 +326,7 @@ def speed_worker(args, shards, text_path):
     import keras_nanogpt as kn
 
     text = kn.data.load_text(text_path)
-    tokenizer = kn.data.shard_tokenizer(shards)
+    tokenizer = shard_tokenizer(shards)
     memory_ds, _ = kn.data.make_datasets(text, tokenizer.layer, NANO["sequence_length"], BATCH,
                                          validation_split=0.0, sampling="random", seed=0)
     datasets = {"memory": memory_ds.repeat(),
