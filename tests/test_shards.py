@@ -418,3 +418,22 @@ def test_two_jax_processes_read_disjoint_rows_whose_union_is_the_global_batch(tm
                       kn.data.token_dataset(prepared, 16, 4, sampling="shuffled", seed=1).take(3)])
     assert rows[0].shape == (3, 2, 16)
     assert np.array_equal(np.concatenate(rows, axis=1), whole)
+
+
+def test_the_gpt2_example_trains_a_tiny_model_from_shards(tmp_path, small_text, capsys):
+    """examples/train_gpt2.py (nanoGPT's train_gpt2 config, here `--tiny`): prepared shards in, a saved model
+    out."""
+    import runpy
+
+    (tmp_path / "corpus.txt").write_text(small_text, encoding="utf-8")
+    kn.data.prepare(str(tmp_path / "corpus.txt"), str(tmp_path / "shards"), tokenizer="byte", workers=1,
+                    progress=False)
+    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "train_gpt2.py"))
+    out = tmp_path / "gpt2.keras"
+    example["main"](["--data", str(tmp_path / "shards"), "--tiny", "--steps", "20", "--out", str(out),
+                     "--checkpoint-dir", str(tmp_path / "ckpt")])
+    printed = capsys.readouterr().out
+    assert "step 20: train loss" in printed and "val loss" in printed and out.exists()
+    model = keras.models.load_model(out)
+    assert model.tokenizer.level == "byte" and model.num_layers == 2
+    assert model.generate("The", max_new_tokens=5, temperature=0).startswith("The")
