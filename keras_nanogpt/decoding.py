@@ -238,7 +238,7 @@ def filter_probabilities(probabilities, top_k, top_p):
         >>> p = np.array([[0.1, 0.5, 0.15, 0.25]], "float32")
         >>> ops.convert_to_numpy(filter_probabilities(p, np.array(2, "int32"), np.array(1.0, "float32")))
         array([[0.  , 0.5 , 0.  , 0.25]], dtype=float32)
-        >>> ops.convert_to_numpy(filter_probabilities(p, np.array(0, "int32"), np.array(0.5, "float32")))
+        >>> ops.convert_to_numpy(filter_probabilities(p, np.array(0, "int32"), np.array(0.4, "float32")))
         array([[0. , 0.5, 0. , 0. ]], dtype=float32)
     """
     vocabulary = ops.shape(probabilities)[-1]

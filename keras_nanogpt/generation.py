@@ -297,10 +297,8 @@ class _Window:
         seeds = [np.asarray(ops.convert_to_numpy(v.value)) for v in job.sampler.variables]
         if job.seed is not None:  # the same seed, the same draws: restart the sampler's generators
             seeds = [np.array([job.seed & 0x7FFFFFFF, i], s.dtype) for i, s in enumerate(seeds)]
-        length = max([len(stop) for stop in job.stops], default=1)
-        stops = np.full((len(job.stops), length), -1, "int32")  # right-aligned; -1 matches all
-        for i, stop in enumerate(job.stops):
-            stops[i, length - len(stop):] = stop
+        stops = _stop_rows(job.stops, job.model.vocabulary_size)
+        length = stops.shape[1]
         temperature, top_k, top_p = job.sampling
         self.rows = decoding.Rows(lengths=lengths, limit=limit, stops=stops,
                                   temperature=np.array(temperature, "float32"), bias=_logit_bias(job),
@@ -370,6 +368,20 @@ def _first_stop(ids, stops, since=0):
         if starts:
             return min(starts)
     return None
+
+
+def _stop_rows(stops, vocabulary_size):
+    """The stop sequences as `Rows.stops`: right-aligned, -1 (matching anything) in front. Both sizes are
+    rounded up to a power of two, so a handful of shapes (compiled loops) serve every stop list; the
+    padding rows hold `vocabulary_size`, an id no token has, and never match."""
+    if not stops:
+        return np.full((0, 1), -1, "int32")
+    count, length = (1 << (n - 1).bit_length() for n in (len(stops), max(len(stop) for stop in stops)))
+    rows = np.full((count, length), -1, "int32")
+    rows[len(stops):] = vocabulary_size
+    for i, stop in enumerate(stops):
+        rows[i, length - len(stop):] = stop
+    return rows
 
 
 def _bucket(length):
