@@ -241,6 +241,7 @@ def filter_probabilities(probabilities, top_k, top_p):
         >>> ops.convert_to_numpy(filter_probabilities(p, np.array(0, "int32"), np.array(0.4, "float32")))
         array([[0. , 0.5, 0. , 0. ]], dtype=float32)
     """
+    probabilities = ops.convert_to_tensor(probabilities)
     vocabulary = ops.shape(probabilities)[-1]
     ranked, _ = ops.top_k(probabilities, k=vocabulary, sorted=True)  # (batch, vocabulary), descending
     cumulative = ops.cumsum(ranked, axis=-1)
@@ -251,7 +252,7 @@ def filter_probabilities(probabilities, top_k, top_p):
     nucleus = ops.where(top_p[:, 0] >= 1.0, vocabulary, nucleus)  # 1.0: all, whatever rounding says
     count = ops.minimum(nucleus, ops.where(top_k > 0, ops.minimum(top_k, vocabulary), vocabulary))
     threshold = ops.take_along_axis(ranked, ops.reshape(count - 1, (-1, 1)), axis=-1)  # (batch, 1)
-    return ops.where(probabilities >= threshold, probabilities, ops.zeros_like(probabilities))
+    return ops.where(ops.greater_equal(probabilities, threshold), probabilities, ops.zeros_like(probabilities))
 
 
 def _match_stops(tail, done, token, counts, stops):
