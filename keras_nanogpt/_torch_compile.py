@@ -14,9 +14,10 @@ probabilities) is instead:
    caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step).
 
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
-model's samplers and reused across prompts, seeds and training; the cache index is a tensor input,
-so no token retraces. The sampler's draw (keras-hub's `get_next_token`) is a small traced graph of
-its own per sampler, with Keras's seeded categorical draw as one operator (`_torch_keras_internals.seeded_categorical`):
+model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
+a tensor input, so no token retraces. The sampler's draw (keras-hub's `get_next_token`) is a small traced graph of
+its own per sampler, with `top_k` and `top_p` as its tensor inputs (`decoding.filter_probabilities`: no
+value traces again) and Keras's seeded categorical draw as one operator (`_torch_keras_internals.seeded_categorical`):
 a seed gives the same tokens on every path.
 
 When: as in the ski-rental problem, a step moves up (eager -> graph -> TorchInductor) once the time
@@ -217,7 +218,7 @@ class Decoder:
                     state = state._replace(tokens=tokens, tail=tail, done=done)
                 if not bool(running):
                     break
-                token, seeds = self._draw(level, probabilities, state.seeds)
+                token, seeds = self._draw(level, probabilities, state.seeds, rows)
                 state = state._replace(seeds=seeds)
                 if level != "compiled":
                     if step.steps[level]:
@@ -231,16 +232,17 @@ class Decoder:
                 write = torch.tensor(True, device=device)
         return state._replace(cache=_pairs(_flat_cache(state.cache)), index=index)
 
-    def _draw(self, level, probabilities, seeds):
-        """The sampler's tokens and new seed state: eagerly with an eager step, else as a traced graph."""
+    def _draw(self, level, probabilities, seeds, rows):
+        """The sampler's tokens and new seed state: eagerly with an eager step, else as a traced graph
+        (`rows.top_k` and `rows.top_p` are its inputs: no value traces it again)."""
         if level == "eager":
-            return self.parts.draw(probabilities, seeds)
-        seeds = list(seeds)
-        key = tuple((tuple(t.shape), t.dtype) for t in [probabilities, *seeds])
+            return self.parts.draw(probabilities, seeds, rows.top_k, rows.top_p)
+        inputs = [probabilities, rows.top_k, rows.top_p, *seeds]
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         draw = self.draws.get(key)
         if draw is None:
-            draw = self.draws[key] = _traced_draw(self.parts.draw, probabilities, seeds)
-        token, *seeds = draw(probabilities, *seeds)
+            draw = self.draws[key] = _traced_draw(self.parts.draw, inputs)
+        token, *seeds = draw(*inputs)
         return token, seeds
 
     def _signature(self, state, rows, token):
@@ -307,7 +309,8 @@ class _Layout(typing.NamedTuple):
 def _flatten(weights, state, rows, token, write):
     """The step's arguments as the flat tensors its traced graph takes: the weights, the tokens, the
     cache's tensors (keys, values, keys, ...), the index, the token to write, `write`, then
-    `lengths, limit, tail, done, stops, temperature, bias` (the state's seeds are not an input).
+    `lengths, limit, tail, done, stops, temperature, bias` (the state's seeds and the rows' `top_k`
+    and `top_p` are the draw's inputs, not the step's).
 
     Example:
         >>> tensors = _flatten(weights, state, rows, token, write)  # doctest: +SKIP
@@ -323,7 +326,8 @@ def _unflatten(tensors, layout):
     index, token, write, lengths, limit, tail, done, stops, temperature, bias = (
         tensors[layout.num_weights + 1 + layout.num_cache:])
     state = decoding.DecodeState(tokens, _pairs(cache), index, (), tail, done)
-    return weights, state, decoding.Rows(lengths, limit, stops, temperature, bias), token, write
+    rows = decoding.Rows(lengths, limit, stops, temperature, bias, top_k=None, top_p=None)  # the draw's
+    return weights, state, rows, token, write
 
 
 def _flat_step(model, step, layout):
@@ -365,13 +369,14 @@ def _compiled_step(model, step, layout, example, graph=None):
     return _torch_tracing.inductor(graph, example)
 
 
-def _traced_draw(draw, probabilities, seeds):
-    """The sampler's `draw(probabilities, seeds) -> (tokens, seeds)` as a traced graph of flat tensors, its
-    categorical draw as one seeded operator (`_torch_keras_internals.traceable_draws`)."""
+def _traced_draw(draw, inputs):
+    """The sampler's `draw(probabilities, seeds, top_k, top_p) -> (tokens, seeds)` as a traced graph of
+    the flat tensors `inputs` (`probabilities, top_k, top_p, *seeds`), its categorical draw as one
+    seeded operator (`_torch_keras_internals.traceable_draws`)."""
 
-    def flat_draw(probabilities, *seeds):
-        token, seeds = draw(probabilities, list(seeds))
+    def flat_draw(probabilities, top_k, top_p, *seeds):
+        token, seeds = draw(probabilities, list(seeds), top_k, top_p)
         return (token, *seeds)
 
     with _torch_keras_internals.traceable_draws():
-        return _torch_tracing.trace(flat_draw, [probabilities, *[s.clone() for s in seeds]])
+        return _torch_tracing.trace(flat_draw, [t.clone() for t in inputs])

@@ -1,5 +1,7 @@
 """The decode loop's device side, in `keras.ops` only: one token's step, sampling with keras-hub's samplers
-(their seed state passed in and out), stop-sequence matching, and the search samplers' loop.
+(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`: one
+compiled loop serves every temperature, `top_k` and `top_p`), stop-sequence matching, and the search
+samplers' loop.
 
 `keras_nanogpt.generation` runs these on the host's windows; `keras_nanogpt.backends` compiles them
 (`jax.jit`, `tf.function(jit_compile=True)`, or on PyTorch one token's step traced or compiled by
@@ -54,12 +56,16 @@ class Rows(typing.NamedTuple):
         stops: `(stops, length)` int32, the stop sequences right-aligned, -1 matching anything.
         temperature: a float32 scalar the logits are divided by.
         bias: `(vocabulary,)` float32, added to the logits.
+        top_k: an int32 scalar, sample among the `top_k` most likely tokens (0: all).
+        top_p: a float32 scalar, sample among the most likely tokens whose probabilities add up to
+            `top_p` (1.0: all). Both are inputs of the compiled loop: new values compile nothing.
+            Applied before the draw of keras-hub's `RandomSampler` only (`filters`).
 
     Example:
         >>> import numpy as np
         >>> rows = Rows(np.array([3, 5], "int32"), np.array([23, 25], "int32"),
         ...             np.full((0, 1), -1, "int32"), np.array(1.0, "float32"),
-        ...             np.zeros((65,), "float32"))
+        ...             np.zeros((65,), "float32"), np.array(40, "int32"), np.array(1.0, "float32"))
         >>> rows.limit - rows.lengths
         array([20, 20], dtype=int32)
     """
@@ -69,6 +75,8 @@ class Rows(typing.NamedTuple):
     stops: typing.Any
     temperature: typing.Any
     bias: typing.Any
+    top_k: typing.Any
+    top_p: typing.Any
 
 
 def decode_loop(model, sampler):
@@ -96,7 +104,7 @@ def decode_loop(model, sampler):
         def body(*fields):
             state = DecodeState(*fields)
             logits, cache = _next_logits(model, state, rows)
-            token, seeds = _sample(sampler, logits, state.seeds)
+            token, seeds = _sample(sampler, logits, state.seeds, rows)
             state = _commit(state._replace(cache=cache, seeds=seeds), rows, state.index, token)
             return state._replace(index=state.index + 1)
 
@@ -113,7 +121,8 @@ class TokenStep(typing.NamedTuple):
     `state.index - 1`, and returns `(state, running, probabilities)`: the `DecodeState` with new
     tokens, cache, tail and done (its `seeds` untouched: the step does not read them), `running`,
     whether some row still wants slot `state.index`, and the sampler's probabilities for it.
-    `draw(probabilities, seeds)` gives `(tokens, seeds)`; `commit` is `_commit`.
+    `draw(probabilities, seeds, top_k, top_p)` gives `(tokens, seeds)` (`Rows.top_k`, `Rows.top_p`
+    applied where the sampler `filters`); `commit` is `_commit`.
 
     Example:
         >>> parts = token_step(model, keras_hub.samplers.GreedySampler())  # doctest: +SKIP
@@ -142,7 +151,10 @@ def token_step(model, sampler):
         probabilities = sampler.compute_probabilities(logits)
         return state._replace(cache=cache), _running(state, rows), probabilities
 
-    return TokenStep(step, lambda probabilities, seeds: _draw(sampler, probabilities, seeds), _commit)
+    def draw(probabilities, seeds, top_k, top_p):
+        return _draw(sampler, probabilities, seeds, top_k, top_p)
+
+    return TokenStep(step, draw, _commit)
 
 
 def _next_logits(model, state, rows):
@@ -173,17 +185,74 @@ def _running(state, rows):
     return ops.logical_not(ops.all(ops.logical_or(state.done, state.index >= rows.limit)))
 
 
-def _sample(sampler, logits, seeds):
+def _sample(sampler, logits, seeds, rows):
     """One token per row from the keras-hub sampler, its seed generators' state passed in and out."""
-    return _draw(sampler, sampler.compute_probabilities(logits), seeds)
+    return _draw(sampler, sampler.compute_probabilities(logits), seeds, rows.top_k, rows.top_p)
 
 
-def _draw(sampler, probabilities, seeds):
-    """The sampler's tokens for `probabilities`, its seed generators' state passed in and out."""
+def _draw(sampler, probabilities, seeds, top_k, top_p):
+    """The sampler's tokens for `probabilities` (top-k and top-p applied first where the sampler
+    `filters`), its seed generators' state passed in and out."""
+    if filters(sampler):
+        probabilities = filter_probabilities(probabilities, top_k, top_p)
     variables = sampler.variables
     with keras.StatelessScope(state_mapping=list(zip(variables, seeds))) as scope:
         token = sampler.get_next_token(probabilities)
     return ops.cast(token, "int32"), [scope.get_current_value(v) for v in variables]
+
+
+def filters(sampler):
+    """Whether the decode loop applies `Rows.top_k` and `Rows.top_p` before the sampler's draw: for
+    keras-hub's `RandomSampler` (generation's sampler at temperature > 0), not for greedy or other
+    samplers, which choose their tokens themselves.
+
+    Example:
+        >>> import keras_hub
+        >>> filters(keras_hub.samplers.RandomSampler()), filters(keras_hub.samplers.GreedySampler())
+        (True, False)
+    """
+    import keras_hub
+
+    return type(sampler) is keras_hub.samplers.RandomSampler
+
+
+def filter_probabilities(probabilities, top_k, top_p):
+    """`probabilities` with every token outside the top-k and the top-p nucleus set to 0.
+
+    `top_k` and `top_p` are tensors (scalars, or one per row), so one compiled program serves every
+    value. The tokens kept are keras-hub's `TopKSampler` / `TopPSampler`'s: the `top_k` most likely,
+    and of those the most likely ones up to and including the first whose cumulative probability
+    passes `top_p`; tokens exactly as likely as the last one kept are kept too.
+
+    Args:
+        probabilities: `(batch, vocabulary)` float32, each row adding up to 1.
+        top_k: int32, the most likely tokens to keep (0: all).
+        top_p: float32 in (0, 1], the nucleus's probability (1.0: all).
+
+    Returns:
+        `(batch, vocabulary)` float32, not renormalised (a categorical draw over their logarithms
+        needs no normalisation).
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([[0.1, 0.5, 0.15, 0.25]], "float32")
+        >>> ops.convert_to_numpy(filter_probabilities(p, np.array(2, "int32"), np.array(1.0, "float32")))
+        array([[0.  , 0.5 , 0.  , 0.25]], dtype=float32)
+        >>> ops.convert_to_numpy(filter_probabilities(p, np.array(0, "int32"), np.array(0.4, "float32")))
+        array([[0. , 0.5, 0. , 0. ]], dtype=float32)
+    """
+    probabilities = ops.convert_to_tensor(probabilities)
+    vocabulary = ops.shape(probabilities)[-1]
+    ranked, _ = ops.top_k(probabilities, k=vocabulary, sorted=True)  # (batch, vocabulary), descending
+    cumulative = ops.cumsum(ranked, axis=-1)
+    top_k = ops.reshape(ops.cast(top_k, "int32"), (-1,))  # (1,) or (batch,)
+    top_p = ops.reshape(ops.cast(top_p, "float32"), (-1, 1))
+    # A rank is in the nucleus when the probabilities ranked before it add up to `top_p` at most.
+    nucleus = 1 + ops.sum(ops.cast(cumulative[:, :-1] <= top_p, "int32"), axis=-1)  # (batch,)
+    nucleus = ops.where(top_p[:, 0] >= 1.0, vocabulary, nucleus)  # 1.0: all, whatever rounding says
+    count = ops.minimum(nucleus, ops.where(top_k > 0, ops.minimum(top_k, vocabulary), vocabulary))
+    threshold = ops.take_along_axis(ranked, ops.reshape(count - 1, (-1, 1)), axis=-1)  # (batch, 1)
+    return ops.where(ops.greater_equal(probabilities, threshold), probabilities, ops.zeros_like(probabilities))
 
 
 def _match_stops(tail, done, token, counts, stops):

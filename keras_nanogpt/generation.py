@@ -19,10 +19,13 @@ How a call runs:
    `sequence_length // 2` to `sequence_length` tokens of context, as a loop that recomputes the whole
    context each step and moves its start that way would give (nanoGPT crops at every step instead).
 
-Samplers are keras-hub's (`keras_hub.samplers`): `temperature`, `top_k` and `top_p` choose greedy,
-random, top-k or top-p sampling; `sampler=` takes any keras-hub sampler object or name. Token
-samplers run inside the loop above; search samplers (beam, contrastive) run their own keras-hub
-loop, compiled the same way, window by window (each starts afresh from the best row so far).
+Sampling: `temperature`, `top_k` and `top_p` are inputs of the compiled loop (`decoding.Rows`), not
+part of it: temperature 0 runs the greedy loop (keras-hub's `GreedySampler`), any other settings one
+sampling loop (`decoding.filter_probabilities`, then keras-hub's `RandomSampler`'s seeded draw), so
+new values compile nothing and keep nothing. `sampler=` takes any keras-hub sampler object or name
+instead, each object with its own loop. Token samplers run inside the loop above; search samplers
+(beam, contrastive) run their own keras-hub loop, compiled the same way, window by window (each
+starts afresh from the best row so far).
 """
 import collections
 import numbers
@@ -202,7 +205,7 @@ class _Job:
         self.model = model
         max_new_tokens, temperature, top_k, top_p, self.seed = check_arguments(**settings._asdict())
         self.compiled = compiling.compiled_functions(model)
-        self.sampler, self.temperature = _sampler(self.compiled, settings.sampler, temperature, top_k, top_p)
+        self.sampler, self.sampling = _sampler(self.compiled, settings.sampler, temperature, top_k, top_p)
         self.kind, self.texts, self.prompts = _prompt_rows(model, prompt)
         self.stops = _stop_sequences(model, settings.stop)
         self.batch = len(self.prompts)
@@ -294,12 +297,12 @@ class _Window:
         seeds = [np.asarray(ops.convert_to_numpy(v.value)) for v in job.sampler.variables]
         if job.seed is not None:  # the same seed, the same draws: restart the sampler's generators
             seeds = [np.array([job.seed & 0x7FFFFFFF, i], s.dtype) for i, s in enumerate(seeds)]
-        length = max([len(stop) for stop in job.stops], default=1)
-        stops = np.full((len(job.stops), length), -1, "int32")  # right-aligned; -1 matches all
-        for i, stop in enumerate(job.stops):
-            stops[i, length - len(stop):] = stop
+        stops = _stop_rows(job.stops, job.model.vocabulary_size)
+        length = stops.shape[1]
+        temperature, top_k, top_p = job.sampling
         self.rows = decoding.Rows(lengths=lengths, limit=limit, stops=stops,
-                                  temperature=np.array(job.temperature, "float32"), bias=_logit_bias(job))
+                                  temperature=np.array(temperature, "float32"), bias=_logit_bias(job),
+                                  top_k=np.array(top_k, "int32"), top_p=np.array(top_p, "float32"))
         tail = np.full((job.batch, length), -1, "int32")  # each row's last new tokens; done: met a stop
         self.state = decoding.DecodeState(tokens=tokens, cache=None, index=int(lengths.min()), seeds=seeds,
                                           tail=tail, done=np.zeros((job.batch,), bool))
@@ -367,6 +370,20 @@ def _first_stop(ids, stops, since=0):
     return None
 
 
+def _stop_rows(stops, vocabulary_size):
+    """The stop sequences as `Rows.stops`: right-aligned, -1 (matching anything) in front. Both sizes are
+    rounded up to a power of two, so a handful of shapes (compiled loops) serve every stop list; the
+    padding rows hold `vocabulary_size`, an id no token has, and never match."""
+    if not stops:
+        return np.full((0, 1), -1, "int32")
+    count, length = (1 << (n - 1).bit_length() for n in (len(stops), max(len(stop) for stop in stops)))
+    rows = np.full((count, length), -1, "int32")
+    rows[len(stops):] = vocabulary_size
+    for i, stop in enumerate(stops):
+        rows[i, length - len(stop):] = stop
+    return rows
+
+
 def _bucket(length):
     return max(_MIN_BUCKET, 1 << max(0, length - 1).bit_length())
 
@@ -426,25 +443,22 @@ def _stop_sequences(model, stop):
 
 
 def _sampler(compiled, sampler, temperature, top_k, top_p):
-    """`(sampler, temperature)`: a keras-hub sampler (the same object for the same settings, so its
-    compiled loop is reused) and the temperature the logits are divided by."""
+    """`(sampler, (temperature, top_k, top_p))`: a keras-hub sampler (one of two kept per model for
+    the settings, so its compiled loop is reused whatever their values) and the values for
+    `decoding.Rows` (top_k 0 and top_p 1.0: all tokens)."""
     import keras_hub
 
     if sampler is not None:  # a name is checked by `check_arguments` already
         if isinstance(sampler, str):
-            return compiled.keep(("sampler", sampler), lambda: keras_hub.samplers.get(sampler)), 1.0
+            return compiled.keep(("sampler", sampler), lambda: keras_hub.samplers.get(sampler)), (1.0, 0, 1.0)
         if not isinstance(sampler, keras_hub.samplers.Sampler):
             raise TypeError(f"`sampler` must be a keras_hub.samplers.Sampler or one of {SAMPLERS}; "
                             f"got {type(sampler).__name__}.")
-        return sampler, 1.0
-    top_k = None if top_k is None or top_k >= compiled.model.vocabulary_size else top_k
-    samplers = keras_hub.samplers
+        return sampler, (1.0, 0, 1.0)
     if temperature == 0:
-        key, make = ("greedy",), samplers.GreedySampler
-    elif top_p is not None and top_p < 1:
-        key, make = ("top_p", top_p, top_k), lambda: samplers.TopPSampler(p=top_p, k=top_k)
-    elif top_k is not None:
-        key, make = ("top_k", top_k), lambda: samplers.TopKSampler(k=top_k)
-    else:
-        key, make = ("random",), samplers.RandomSampler
-    return compiled.keep(("sampler", *key), make), temperature or 1.0
+        return compiled.keep(("sampler", "greedy"), keras_hub.samplers.GreedySampler), (1.0, 0, 1.0)
+    top_k = 0 if top_k is None or top_k >= compiled.model.vocabulary_size else top_k
+    top_p = 1.0 if top_p is None else top_p
+    # One object for every value: `decoding.filter_probabilities` applies top_k and top_p in the loop.
+    random = compiled.keep(("sampler", "random"), keras_hub.samplers.RandomSampler)
+    return random, (temperature, top_k, top_p)

@@ -61,6 +61,52 @@ def test_top_k_restricts_to_the_k_most_likely(sharp_model):
         assert int(token) in allowed
 
 
+def test_top_p_restricts_to_the_nucleus(sharp_model):
+    prompt = [[5, 9, 11]]
+    logits = to_numpy(sharp_model(np.array(prompt, "int32")))[0, -1].astype("float64") / 2.0
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    order = np.argsort(-probabilities)
+    before = np.concatenate([[0.0], np.cumsum(probabilities[order])[:-1]])  # probability ranked ahead
+    allowed = set(order[before <= 0.6].tolist())
+    assert 1 < len(allowed) < len(order)
+    drawn = {int(sharp_model.generate(prompt, max_new_tokens=1, temperature=2.0, top_p=0.6, seed=seed)[0, -1])
+             for seed in range(24)}
+    assert drawn <= allowed and len(drawn) > 1
+
+
+def test_filter_probabilities_takes_k_and_p_as_tensors():
+    from keras_nanogpt import decoding
+
+    p = np.array([[0.1, 0.5, 0.15, 0.25], [0.25, 0.25, 0.3, 0.2]], "float32")
+
+    def kept(k, top_p):
+        filtered = decoding.filter_probabilities(p, np.array(k, "int32"), np.array(top_p, "float32"))
+        return (to_numpy(filtered) > 0).astype(int).tolist()
+
+    assert kept(0, 1.0) == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert kept(2, 1.0) == [[0, 1, 0, 1], [1, 1, 1, 0]]  # ties with the last kept stay
+    assert kept(1, 1.0) == [[0, 1, 0, 0], [0, 0, 1, 0]]
+    assert kept(0, 0.5) == [[0, 1, 0, 1], [1, 1, 1, 0]]  # up to the first token past p
+    assert kept(0, 0.1) == [[0, 1, 0, 0], [0, 0, 1, 0]]
+    assert kept(3, 0.8) == [[0, 1, 1, 1], [1, 1, 1, 0]]  # both limits
+    per_row = decoding.filter_probabilities(p, np.array([1, 0], "int32"), np.array([1.0, 0.2], "float32"))
+    assert (to_numpy(per_row) > 0).astype(int).tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]
+
+
+def test_sampling_values_are_inputs_of_one_loop(sharp_model):
+    """New temperature, top_k and top_p values compile nothing and keep nothing (one loop per shape)."""
+    sharp_model.generate("It is", max_new_tokens=4, top_k=3, top_p=0.5, temperature=0.7, seed=0)
+    compiled = sharp_model._kn_compiled
+    traces, kept = compiled.traces, len(compiled.kept)
+    for i in range(15):
+        sharp_model.generate("It is", max_new_tokens=4, top_k=1 + i, top_p=0.3 + 0.047 * i,
+                             temperature=0.2 + 0.13 * i, seed=i)
+        sharp_model.generate("It is", max_new_tokens=4, top_p=0.31 + 0.045 * i)
+        sharp_model.generate("It is", max_new_tokens=4, top_k=2 + i, temperature=1.5 - 0.07 * i)
+    assert compiled.traces == traces and len(compiled.kept) == kept, list(compiled.kept)
+
+
 def test_stop_strings_end_the_text(sharp_model):
     free = sharp_model.generate("It is", max_new_tokens=40, temperature=0)
     new = free[len("It is"):]

@@ -100,8 +100,10 @@ async def _not_found(request, exc):
 
 
 async def _not_allowed(request, exc):
-    return APIError(405, f"{request.method} is not allowed on {request.url.path}.",
-                    code="method_not_allowed").response()
+    response = APIError(405, f"{request.method} is not allowed on {request.url.path}.",
+                        code="method_not_allowed").response()
+    response.headers["Allow"] = (getattr(exc, "headers", None) or {}).get("Allow", "")  # the route's methods
+    return response
 
 
 class _Service:
@@ -144,9 +146,12 @@ class _Service:
     def _unauthorized(self, request):
         if self.api_key is None:
             return None
+        # Exactly the key: the header's bytes (Starlette decodes them as Latin-1) after the scheme, with
+        # ASCII spaces and tabs around it only (`str.strip` would also drop U+00A0, U+0085, ...).
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        token = token.strip(" \t").encode("latin-1")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token, self.api_key.encode()):
             return None
         return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
                              "the server was started with (--api-key).", code="invalid_api_key")
