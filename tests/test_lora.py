@@ -190,12 +190,13 @@ def test_command_line_reads_a_gpt2_folder(tmp_path):
     config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=16, n_embd=32, n_layer=1,
                                      n_head=2, bos_token_id=None, eos_token_id=None)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    arguments = ["train", "--init", str(tmp_path), "--lora-rank", "2", "--text", "unused", "--dropout", "0",
-                 "--out", "unused.keras"]
+    (tmp_path / "corpus.txt").write_text(SHAKESPEARE_SAMPLE, encoding="utf-8")
+    arguments = ["train", "--init", str(tmp_path), "--lora-rank", "2", "--text", str(tmp_path / "corpus.txt"),
+                 "--dropout", "0", "--out", "unused.keras"]
     args = cli.build_parser().parse_args(arguments)
     job = kn.training.TrainingJob(text=args.text, out=args.out, init=args.init, lora_rank=args.lora_rank,
                                   dropout=args.dropout)
-    model = kn.training._initial_model(job, log=print)  # what `train` then fits
+    model = kn.training._initial_model(job, kn.training._Source(job), log=print)  # what `train` then fits
     assert kn.adapters.lora_config(model)["rank"] == 2 and model.use_bias and model.dropout == 0
     assert model.vectorizer is not None and model.vocabulary_size == bpe.get_vocab_size()
 
