@@ -3,7 +3,7 @@
 
 Eagerly, Keras's torch trainer pays Python at every layer call of the forward pass, at every
 operation of the loss, the metrics and the optimizer: more, at nanoGPT's CPU recipe, than nanoGPT's
-own eager loop. `TracedTrainStep` traces Keras's own step (forward, loss, gradients, clipping, the
+own eager loop. `TracedStep` traces Keras's own step (forward, loss, gradients, clipping, the
 optimizer's update, the loss tracker and metrics) once per input shape with `make_fx`, as one
 function of the variables' values (`_torch_tracing.trace`), and runs that graph at every step, the
 variables updated in place. Keras's `fit` loop around it is unchanged: callbacks, `validation_data`,
@@ -73,7 +73,7 @@ def jit_compile_choice(jit_compile):
 
     Keras's `jit_compile=True` on PyTorch runs `torch.compile` over its whole train step; at
     nanoGPT's CPU recipe it was slower per step than the eager step (benchmarks/RESULTS.md,
-    issue 18), after a first step of a minute or more. "auto" runs `TracedTrainStep` instead
+    issue 18), after a first step of a minute or more. "auto" runs `TracedStep` instead
     (`install_traced_step`).
     """
     return False if jit_compile == "auto" else jit_compile
