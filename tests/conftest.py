@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -170,3 +171,21 @@ class ThreadServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(WAIT)
+
+
+def start_cli_server(model_path, *flags):
+    """`keras-nanogpt serve MODEL --port 0 --log-level warning FLAGS` in a subprocess under this process's
+    backend, this checkout first on its path; the caller ends it (`stop_process`)."""
+    script = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
+    assert os.access(script, os.X_OK), f"no console script at {script}: install the package (make install)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([script, "serve", str(model_path), "--port", "0", "--log-level", "warning", *flags],
+                            env=dict(os.environ, KERAS_BACKEND=BACKEND, PYTHONPATH=root), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop_process(process, timeout):
+    """Kill `process` if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+        process.communicate(timeout=timeout)

@@ -21,20 +21,17 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import BACKEND, CONTEXT, WAIT, ThreadServer, make_sharp_model
+from conftest import CONTEXT, WAIT, ThreadServer, make_sharp_model, start_cli_server, stop_process
 
 import keras_nanogpt as kn
 from keras_nanogpt import cli, generation, serve
 
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
 NAME = "tiny"
 CLIENTS = 32
 
@@ -55,15 +52,9 @@ def reference(model_file):
 @pytest.fixture(scope="module")
 def cli_server(model_file):
     """`keras-nanogpt serve` in a subprocess on a free port, started when the module starts."""
-    assert os.access(SCRIPT, os.X_OK), f"no console script at {SCRIPT}: install the package (make install)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = dict(os.environ, KERAS_BACKEND=BACKEND, PYTHONPATH=root)
-    process = subprocess.Popen([SCRIPT, "serve", str(model_file), "--port", "0", "--log-level", "warning"],
-                               env=environment, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_cli_server(model_file)
     yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate(timeout=WAIT)
+    stop_process(process, WAIT)
 
 
 @pytest.fixture(scope="module", autouse=True)

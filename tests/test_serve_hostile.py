@@ -14,17 +14,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from conftest import BACKEND, WAIT, ThreadServer, make_sharp_model
+from conftest import WAIT, ThreadServer, make_sharp_model, start_cli_server, stop_process
 
 from keras_nanogpt import serve
 
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "keras-nanogpt")
 NAME = "tiny"
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -41,14 +38,9 @@ def cli_server(model, tmp_path_factory):
     """`keras-nanogpt serve --api-key` in a subprocess, started first (its import overlaps the tests)."""
     path = tmp_path_factory.mktemp("hostile") / f"{NAME}.keras"
     model.save(path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = subprocess.Popen([SCRIPT, "serve", str(path), "--port", "0", "--log-level", "warning",
-                                "--api-key", KEY, "--max-tokens", "100000"], env=dict(os.environ, KERAS_BACKEND=BACKEND, PYTHONPATH=root),
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_cli_server(path, "--api-key", KEY, "--max-tokens", "100000")
     yield process
-    if process.poll() is None:
-        process.kill()
-        process.communicate(timeout=WAIT)
+    stop_process(process, WAIT)
 
 
 @pytest.fixture(scope="module", autouse=True)
