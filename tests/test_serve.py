@@ -18,7 +18,6 @@ while both are idle: the tests that leave a server decoding come after the last 
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import threading

@@ -11,7 +11,6 @@ request goes to 127.0.0.1, every socket has a timeout and every loop a bound.
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import time
