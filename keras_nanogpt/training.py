@@ -343,7 +343,7 @@ def train(job, log=print):
         model = _initial_model(job, source, log) if job.init else _new_model(job, source, recipe)
         sequence_length = job.sequence_length or model.sequence_length
         if job.epochs is not None:
-            steps_per_epoch = int(source.datasets(model.tokenizer, sequence_length)[0].cardinality())
+            steps_per_epoch = source.epoch_batches(model.tokenizer, sequence_length)
             total_steps = job.epochs * steps_per_epoch
         else:
             steps_per_epoch, total_steps = job.checkpoint_every, job.total_steps
@@ -423,6 +423,19 @@ class _Source:
         self.job, self.data = job, job.data
         self.text = data.load_text(job.text) if job.text is not None else None
         self.info = shards.token_info(job.data) if job.data is not None else None
+        self._windows = None  # a text's (train, validation) windows, encoded once
+
+    def _text_windows(self, tokenizer, sequence_length):
+        if self._windows is None:
+            job = self.job
+            self._windows = data.make_datasets(self.text, tokenizer, sequence_length, job.batch_size,
+                                               validation_split=job.validation_split, sampling="random",
+                                               seed=job.seed)
+        return self._windows
+
+    def epoch_batches(self, tokenizer, sequence_length):
+        """Batches in one pass over a text's training windows (an `epochs` job's steps per epoch)."""
+        return int(self._text_windows(tokenizer, sequence_length)[0].cardinality())
 
     def tokenizer(self):
         """The shards' tokenizer (a `Tokenizer`), or None: a text's is learned; llm.c shards record none."""
@@ -444,9 +457,7 @@ class _Source:
         batches. A text's random windows skip the `start` batches trained already; shards start there."""
         job = self.job
         if self.text is not None:
-            train, val = data.make_datasets(self.text, tokenizer, sequence_length, job.batch_size,
-                                            validation_split=job.validation_split, sampling="random",
-                                            seed=job.seed)
+            train, val = self._text_windows(tokenizer, sequence_length)
             return train.repeat().skip(start), val
         train = data.token_dataset(self.data, sequence_length, job.batch_size, sampling="random", seed=job.seed,
                                    start=start, tokenizer=tokenizer)
