@@ -12,6 +12,7 @@ configuration) before assigning anything; a damaged one is renamed `*.damaged` w
 previous generation is used. How this differs from Keras's `BackupAndRestore`: docs/preemption.md.
 """
 
+import atexit
 import contextlib
 import errno
 import glob
@@ -278,6 +279,17 @@ class PreemptibleBackup(keras.callbacks.Callback):
         elif previous == signal.SIG_DFL:
             os.kill(os.getpid(), number)
 
+    def _ignore_signals_while_exiting(self):
+        """At interpreter exit, within the grace period: ignore the signals from here on.
+
+        Late in its shutdown Python gives every signal it handled its default action back, so a second
+        SIGTERM there would end the process with -15 instead of the 143 it is exiting with. An ignored
+        signal keeps being ignored to the end.
+        """
+        if time.monotonic() < self._exiting_until:
+            for number in self.signals:
+                signal.signal(number, signal.SIG_IGN)
+
     def _stopped_for_signal(self):
         """Back up and stop (see `_stop_for_signal`) if a signal came, to any process under multi-host."""
         received = distribute.agreed_signal(self._received) if self._processes > 1 else self._received
@@ -298,6 +310,8 @@ class PreemptibleBackup(keras.callbacks.Callback):
         if self.exit_on_signal:
             # The handlers stay, ignoring further signals while the process exits (then they pass them on).
             self._exiting_until = time.monotonic() + _EXIT_GRACE_S
+            atexit.unregister(self._ignore_signals_while_exiting)
+            atexit.register(self._ignore_signals_while_exiting)
             raise SystemExit(128 + int(number))
         model.stop_training = True
         self._uninstall_handlers()

@@ -53,8 +53,9 @@ def _iterations(model):
 
 
 def _interrupt(process, folder, number, deadline_s=400):
-    """Once `process` has written its first backup, send it `number` every 2 ms until it says it backed up (so
-    signals also arrive while the backup is written). Returns (signals sent, its stderr, read meanwhile)."""
+    """Once `process` has written its first backup, send it `number` every 2 ms until it exits (so signals also
+    arrive while the backup is written and while the process shuts down). Returns (signals sent, its stderr,
+    read meanwhile)."""
     lines = []
 
     def read():
@@ -68,8 +69,7 @@ def _interrupt(process, folder, number, deadline_s=400):
         time.sleep(0.002)
     assert list(folder.glob("backup-*.npz")), "no backup before the deadline, or the run ended early"
     sent = 0
-    while (process.poll() is None and not any(NOTICE.match(line.strip()) for line in lines)
-           and time.monotonic() < deadline):
+    while process.poll() is None and time.monotonic() < deadline:
         process.send_signal(number)
         sent += 1
         time.sleep(0.002)
