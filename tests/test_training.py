@@ -139,6 +139,18 @@ def test_a_training_job_runs_from_python_and_saves_a_model_that_loads(small_text
     assert loaded.generate("It is", max_new_tokens=3, temperature=0.0).startswith("It is")
 
 
+def test_an_epochs_job_makes_whole_passes_over_the_text_windows(small_text, tmp_path):
+    """`epochs=2`: twice the batches of one pass over the (un-repeated) training windows, one history entry each."""
+    (tmp_path / "corpus.txt").write_text(small_text[:3000], encoding="utf-8")
+    job = kn.training.TrainingJob(text=str(tmp_path / "corpus.txt"), out=str(tmp_path / "m.keras"), layers=1,
+                                  heads=2, hidden_dim=16, sequence_length=16, batch_size=8, epochs=2,
+                                  validation_split=0.1, verbose=0)
+    assert job.total_steps is None
+    result = kn.training.train(job, log=lambda line: None)
+    assert len(result.history.history["loss"]) == 2 and result.steps > 0 and result.steps % 2 == 0
+    assert int(to_numpy(kn.load_model(job.out).optimizer.iterations)) == result.steps
+
+
 @pytest.mark.parametrize("arguments, message", [
     (dict(steps=0), "`steps` must be an integer >= 1"),
     (dict(steps=10, epochs=1), "not both"),
