@@ -80,6 +80,20 @@ def post(server, body):
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=WAIT)
 
 
+# -- the generation hooks the server uses ----------------------------------------------------------
+
+def test_id_rows_of_different_lengths_decode_as_each_alone_and_stream_text(model):
+    rows = [kn.chat.render(model, [{"role": "user", "content": "Hi" + "!" * i}]) for i in (0, 3)]
+    alone = [model.generate(ids[None], max_new_tokens=6, temperature=0)[0] for ids in rows]
+    together = model.generate(rows, max_new_tokens=6, temperature=0)
+    assert isinstance(together, list) and [t.tolist() for t in together] == [a.tolist() for a in alone]
+    stream = model.stream(rows, max_new_tokens=6, temperature=0)
+    pieces = list(stream)
+    assert [np.concatenate([p[row] for p in pieces]).tolist() for row in (0, 1)] == [
+        a[len(ids):].tolist() for a, ids in zip(alone, rows)]
+    assert stream.text(1) == model.tokenizer.decode([int(i) for i in alone[1][len(rows[1]):]])
+
+
 def test_models_say_which_chat_template(client, server, model):
     (card,) = client.models.list().data
     assert card.model_extra["has_chat_template"] is kn.chat.has_template(model) is False

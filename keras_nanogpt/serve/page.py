@@ -5,7 +5,7 @@ It reads the model's name and size from `/v1/models`. In completion mode it send
 mode it shows the conversation's turns and sends them (with an optional system message) to
 `/v1/chat/completions`, streaming the assistant's reply into a new turn; Clear starts a new
 conversation. Stop aborts the request, and the server then stops making tokens for it; the stop field
-gives a stop string (`\n` for a newline) in either mode. Its script and style are inline, allowed by their
+gives a stop string (`\\n` for a newline) in either mode. Its script and style are inline, allowed by their
 hashes in the page's Content-Security-Policy (`page()` gives both), so it works offline and loads
 nothing from anywhere.
 """
@@ -57,7 +57,7 @@ BODY = """
     <label>top-p <input id="top_p" type="number" min="0.01" max="1" step="0.01" value="1"></label>
     <label>max tokens <input id="max_tokens" type="number" min="1" step="1" value="200"></label>
     <label>seed (empty: random) <input id="seed" type="number" min="0" step="1"></label>
-    <label>stop string (\n: newline) <input id="stop_string" type="text" autocomplete="off"></label>
+    <label>stop string (\\n: newline) <input id="stop_string" type="text" autocomplete="off"></label>
     <label id="key-row" hidden>API key <input id="key" type="password" autocomplete="off"></label>
   </aside>
   <section>
