@@ -17,7 +17,8 @@ Per level: completed requests/s and generated tokens/s over the level's wall tim
 token (TTFT) and whole-request latency, p50/p95; `speedup` is tokens/s over the 1-client level's.
 The load average at the start and the end is in the JSON: the machine may be shared.
 
-With `--chat`, each level runs twice, side by side: `/v1/chat/completions` with a one-message
+With `--chat`, each level runs both kinds, in turn (completions, chat, chat, completions: a drift in the
+machine's load falls on both alike): `/v1/chat/completions` with a one-message
 conversation, and `/v1/completions` with the same conversation rendered by the model's chat template
 (`keras_nanogpt.chat.render`, decoded back to text), both ending at the template's stop strings, both
 counting tokens from `usage` (`stream_options.include_usage`). `chat_over_completions` is chat's
@@ -203,7 +204,7 @@ def chat_bodies(bodies, model_path):
 
 
 def chat_levels(url, bodies, model_path, args):
-    """Per level: completions of the rendered prompts, then the chats; tokens/s side by side."""
+    """Per level: completions of the rendered prompts and the chats, in turn; tokens/s side by side."""
     chats, completions = chat_bodies(bodies, model_path)
     for kind in (completions, chats):
         warm = 1
@@ -213,8 +214,13 @@ def chat_levels(url, bodies, model_path, args):
     levels = []
     for clients in args.levels:
         level = {"clients": clients}
-        for name, kind in (("completions", completions), ("chat", chats)):
-            results, wall = asyncio.run(run_level(url, kind, clients, args.timeout))
+        runs = {"completions": ([], 0.0), "chat": ([], 0.0)}
+        # In turn, A B B A, so that a drift in the machine's load falls on both alike.
+        for name in ("completions", "chat", "chat", "completions"):
+            results, wall = asyncio.run(run_level(url, chats if name == "chat" else completions, clients,
+                                                  args.timeout))
+            runs[name] = (runs[name][0] + results, runs[name][1] + wall)
+        for name, (results, wall) in runs.items():
             level[name] = summary(clients, results, wall, args.max_tokens, exact=False)
             level[name]["tokens"] = int(sum(r[2] for r in results))
         level["chat_over_completions"] = round(level["chat"]["tokens_per_s"] / level["completions"]["tokens_per_s"],
