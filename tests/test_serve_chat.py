@@ -13,6 +13,7 @@ computed while the server is idle (a model decodes for one caller at a time).
 
 import asyncio
 import json
+import time
 
 import httpx
 import keras
@@ -256,6 +257,31 @@ def test_errors_through_the_client(client):
     taken = client.chat.completions.create(model=NAME, messages=USER, max_tokens=3, logprobs=False,
                                            presence_penalty=0, response_format={"type": "text"})
     assert taken.usage.completion_tokens == 3
+
+
+def test_api_key_method_and_a_vanishing_client(server, model):
+    keyed = ThreadServer(serve.create_app(model, name=NAME, api_key="secret", max_tokens=2000))
+    try:
+        body = {"messages": USER, "max_tokens": 3}
+        refused = httpx.post(keyed.url + "/v1/chat/completions", json=body, timeout=WAIT)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        client = openai.OpenAI(base_url=keyed.url + "/v1", api_key="secret", max_retries=0, timeout=WAIT)
+        assert client.chat.completions.create(model=NAME, messages=USER, max_tokens=3).usage.completion_tokens == 3
+        # A client that leaves mid-stream frees its row at the next token.
+        with httpx.stream("POST", keyed.url + "/v1/chat/completions", timeout=WAIT,
+                          headers={"Authorization": "Bearer secret"},
+                          json={"messages": USER, "max_tokens": 2000, "stream": True}) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            next(lines), next(lines)
+            assert keyed.health()["running"] == 1
+        deadline = time.monotonic() + WAIT
+        while keyed.health()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        keyed.stop()
+    wrong = httpx.get(server.url + "/v1/chat/completions", timeout=WAIT)
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"]
 
 
 # -- chats beside completions on the one decode thread -----------------------------------------------
