@@ -180,7 +180,8 @@ def main(argv=None):
         base_rate = next(level["tokens_per_s"] for level in levels if level["clients"] == min(args.levels))
         for level in levels:
             level["speedup"] = round(level["tokens_per_s"] / base_rate, 2)
-    print(json.dumps({"benchmark": "serve_speed" + ("_chat" if args.chat else ""), "backend": keras.backend.backend(), "model": described,
+    print(json.dumps({"benchmark": "serve_speed" + ("_chat" if args.chat else ""),
+                      "backend": keras.backend.backend(), "model": described,
                       "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                       "requests_per_level": args.requests, "levels": levels,
                       "load_average": {"start": load_start, "end": _common.load_averages()}}, indent=1))

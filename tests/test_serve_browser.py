@@ -1,8 +1,9 @@
 """The playground in a real browser: Debian's headless Chromium, driven by Playwright, against a live
 server on 127.0.0.1. It types a prompt, presses Generate, sees the text stream in, then stops a long
 generation with Stop; in chat mode it sends a message, sees the assistant's turn stream in, sends a
-second turn (the page sends the whole conversation) and clears it; screenshots are saved as a test artefact (under $TEST_ARTEFACTS when set, else
-pytest's temporary folder; the path is printed).
+second turn (the page sends the whole conversation, a typed stop string cuts the reply) and clears it.
+Screenshots are saved as test artefacts (under $TEST_ARTEFACTS when set, else pytest's temporary folder;
+the first one's path is printed).
 
 Chromium is the distribution's (`/usr/bin/chromium`; `.ci/run` and `make test` install it when missing);
 Playwright drives it with `executable_path`, never a browser of its own.

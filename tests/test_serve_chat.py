@@ -109,7 +109,8 @@ def test_seeded_chat_is_what_model_chat_gives(client, model):
                                               seed=11, extra_body={"top_k": 30})
     (choice,) = response.choices
     assert choice.message.role == "assistant" and choice.message.content == expected
-    assert choice.index == 0 and choice.finish_reason == ("length" if response.usage.completion_tokens == 20 else "stop")
+    assert choice.index == 0
+    assert choice.finish_reason == ("length" if response.usage.completion_tokens == 20 else "stop")
     assert response.object == "chat.completion" and response.id.startswith("chatcmpl-") and response.model == NAME
     assert response.usage.prompt_tokens == prompt_tokens
     assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens

@@ -1,12 +1,14 @@
 """Request batching for `keras-nanogpt serve`: requests that arrive together share one decode batch.
 
 One thread, the decode thread, owns the model. It checks each new request's prompts (tokens,
-length, characters the vocabulary lacks; a chat request's messages are rendered to ids here), picks the next batch from the waiting requests and runs
-it through `generation.stream`, handing every request its pieces as they are made. The rules:
+length, characters the vocabulary lacks; a chat request's messages are rendered to ids here), picks
+the next batch from the waiting requests and runs it through `generation.stream`, handing every
+request its pieces as they are made. The rules:
 
 - A batch holds requests with the same sampling settings (temperature, top_k, top_p, stop strings)
   and of the same kind (completions, whose text prompts never produce the padding id, as
-  `model.generate(text)`; or chats, whose rendered ids decode as `model.chat` does), in arrival order, up to `max_batch` rows (a request has one row per prompt and choice: prompts x n).
+  `model.generate(text)`; or chats, whose rendered ids decode as `model.chat` does), in arrival
+  order, up to `max_batch` rows (a request has one row per prompt and choice: prompts x n).
   Each row ends at its own request's `max_tokens`. Rows are padded to a power of two with rows that
   make no tokens, so a handful of batch shapes get compiled, not one per batch size.
 - A request with a `seed` runs alone: its rows, no padding, nothing else in the batch. Its tokens
