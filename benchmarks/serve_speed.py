@@ -3,6 +3,7 @@ concurrent streaming clients, the same requests each time, side by side in one r
 
     python benchmarks/serve_speed.py                     # nano config, TensorFlow, 64 requests
     KERAS_BACKEND=jax python benchmarks/serve_speed.py --requests 128 --max-tokens 64
+    python benchmarks/serve_speed.py --chat              # chat against completions of the same prompts
 
 The server is the console script (`keras-nanogpt serve`, a subprocess on a free 127.0.0.1 port) serving
 a model made here: the "nano" config (4 layers, 128 wide, context 64) with a char vocabulary of
@@ -15,6 +16,13 @@ its own prompt. Before timing, bursts of 1, 2, 4, ... clients compile every batc
 Per level: completed requests/s and generated tokens/s over the level's wall time, time to first
 token (TTFT) and whole-request latency, p50/p95; `speedup` is tokens/s over the 1-client level's.
 The load average at the start and the end is in the JSON: the machine may be shared.
+
+With `--chat`, each level runs both kinds, in turn (completions, chat, chat, completions: a drift in the
+machine's load falls on both alike): `/v1/chat/completions` with a one-message
+conversation, and `/v1/completions` with the same conversation rendered by the model's chat template
+(`keras_nanogpt.chat.render`, decoded back to text), both ending at the template's stop strings, both
+counting tokens from `usage` (`stream_options.include_usage`). `chat_over_completions` is chat's
+tokens/s over completions' (the target: at least 0.9, the template costing next to nothing).
 """
 
 import asyncio
@@ -40,6 +48,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients per level")
     parser.add_argument("--timeout", type=float, default=600, help="seconds any one level may take")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat against completions of the same rendered prompts, at every level")
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.levels.split(",")]
     if args.requests < 1 or any(args.requests % level for level in args.levels):
@@ -77,9 +87,10 @@ def start_server(model_path, max_tokens):
 
 
 async def one_request(http, url, body):
-    """(time to first token, latency, tokens) of one streamed request."""
+    """(time to first token, latency, tokens) of one streamed request; tokens from `usage` when it comes."""
     started = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, usage = None, 0, None
+    url = url + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
     async with http.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"status {response.status_code}: {await response.aread()}")
@@ -91,10 +102,13 @@ async def one_request(http, url, body):
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and (chunk["choices"][0].get("text")
+                                     or chunk["choices"][0].get("delta", {}).get("content")):
                 tokens += 1
                 first = first or time.perf_counter()
-    return first - started, time.perf_counter() - started, tokens
+    return first - started, time.perf_counter() - started, tokens if usage is None else usage
 
 
 async def run_level(url, bodies, clients, timeout):
@@ -114,9 +128,9 @@ async def run_level(url, bodies, clients, timeout):
         return results, time.perf_counter() - started
 
 
-def summary(clients, results, wall, max_tokens):
+def summary(clients, results, wall, max_tokens, exact=True):
     ttft, latency, tokens = (np.array(column) for column in zip(*results))
-    if (tokens != max_tokens).any():
+    if exact and (tokens != max_tokens).any():
         raise RuntimeError(f"some requests got other than {max_tokens} tokens: {sorted(set(tokens.tolist()))}")
     return {"clients": clients, "requests": len(results), "seconds": round(wall, 3),
             "requests_per_s": round(len(results) / wall, 2), "tokens_per_s": round(float(tokens.sum()) / wall, 1),
@@ -137,8 +151,7 @@ def main(argv=None):
         else:
             model_path = os.path.join(tmp, "nano.keras")
             text, described = make_model(model_path)
-        process, base = start_server(model_path, args.max_tokens)
-        url = base + "/v1/completions"
+        process, url = start_server(model_path, args.max_tokens)
         try:
             def body(i):
                 start = (7919 * i) % (len(text) - 40)
@@ -146,27 +159,76 @@ def main(argv=None):
                         "temperature": args.temperature, "top_k": args.top_k}
 
             bodies = [body(i) for i in range(args.requests)]
-            warm = 1
-            while warm <= max(args.levels):  # compile every padded batch size before timing
-                asyncio.run(run_level(url, bodies[:warm], warm, args.timeout))
-                warm *= 2
-            levels = []
-            for clients in args.levels:
-                results, wall = asyncio.run(run_level(url, bodies, clients, args.timeout))
-                levels.append(summary(clients, results, wall, args.max_tokens))
-                print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
+            if args.chat:
+                levels = chat_levels(url, bodies, model_path, args)
+            else:
+                warm = 1
+                while warm <= max(args.levels):  # compile every padded batch size before timing
+                    asyncio.run(run_level(url, bodies[:warm], warm, args.timeout))
+                    warm *= 2
+                levels = []
+                for clients in args.levels:
+                    results, wall = asyncio.run(run_level(url, bodies, clients, args.timeout))
+                    levels.append(summary(clients, results, wall, args.max_tokens))
+                    print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
         finally:
             process.terminate()
             process.wait(60)
     import keras
 
-    base_rate = next(level["tokens_per_s"] for level in levels if level["clients"] == min(args.levels))
-    for level in levels:
-        level["speedup"] = round(level["tokens_per_s"] / base_rate, 2)
-    print(json.dumps({"benchmark": "serve_speed", "backend": keras.backend.backend(), "model": described,
+    if not args.chat:
+        base_rate = next(level["tokens_per_s"] for level in levels if level["clients"] == min(args.levels))
+        for level in levels:
+            level["speedup"] = round(level["tokens_per_s"] / base_rate, 2)
+    print(json.dumps({"benchmark": "serve_speed" + ("_chat" if args.chat else ""),
+                      "backend": keras.backend.backend(), "model": described,
                       "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                       "requests_per_level": args.requests, "levels": levels,
                       "load_average": {"start": load_start, "end": _common.load_averages()}}, indent=1))
+
+
+def chat_bodies(bodies, model_path):
+    """Each body as a chat (its prompt the user's one message) and as a completion of the rendered chat."""
+    import keras_nanogpt as kn
+
+    model = kn.load_model(model_path)
+    stop = [s for s in kn.chat.stop_sequences(model) if isinstance(s, str)]
+    chats, completions = [], []
+    for body in bodies:
+        messages = [{"role": "user", "content": body["prompt"]}]
+        rendered = model.tokenizer.decode([int(i) for i in kn.chat.render(model, messages)])
+        shared = {k: v for k, v in body.items() if k != "prompt"}
+        shared.update(stream_options={"include_usage": True})
+        chats.append({**shared, "messages": messages})  # the server adds the template's stop sequences
+        completions.append({**shared, "prompt": rendered, **({"stop": stop} if stop else {})})
+    return chats, completions
+
+
+def chat_levels(url, bodies, model_path, args):
+    """Per level: completions of the rendered prompts and the chats, in turn; tokens/s side by side."""
+    chats, completions = chat_bodies(bodies, model_path)
+    for kind in (completions, chats):
+        warm = 1
+        while warm <= max(args.levels):  # compile every padded batch size before timing
+            asyncio.run(run_level(url, kind[:warm], warm, args.timeout))
+            warm *= 2
+    levels = []
+    for clients in args.levels:
+        level = {"clients": clients}
+        runs = {"completions": ([], 0.0), "chat": ([], 0.0)}
+        # In turn, A B B A, so that a drift in the machine's load falls on both alike.
+        for name in ("completions", "chat", "chat", "completions"):
+            results, wall = asyncio.run(run_level(url, chats if name == "chat" else completions, clients,
+                                                  args.timeout))
+            runs[name] = (runs[name][0] + results, runs[name][1] + wall)
+        for name, (results, wall) in runs.items():
+            level[name] = summary(clients, results, wall, args.max_tokens, exact=False)
+            level[name]["tokens"] = int(sum(r[2] for r in results))
+        level["chat_over_completions"] = round(level["chat"]["tokens_per_s"] / level["completions"]["tokens_per_s"],
+                                               3)
+        levels.append(level)
+        print(json.dumps(level), file=sys.stderr, flush=True)
+    return levels
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def build_parser():
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py: needs a source checkout)",
                         add_help=False)
 
-    serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions API and a playground")
+    serve = commands.add_parser("serve", help="serve a saved model: OpenAI completions and chat completions, "
+                                              "and a playground")
     serve.add_argument("model")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")

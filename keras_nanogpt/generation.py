@@ -49,10 +49,10 @@ def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top
 
     Args:
         model: a `NanoGPT`.
-        prompt: a string or a list of strings (the model needs a vectorizer), or int ids
-            `(batch, time)`. A prompt longer than the context is cropped from the left for the
-            model (the output keeps all of it). Characters the vocabulary lacks become its
-            out-of-vocabulary token, with a warning.
+        prompt: a string or a list of strings (the model needs a vectorizer), int ids
+            `(batch, time)`, or a list of 1-D int id arrays of different lengths. A prompt longer
+            than the context is cropped from the left for the model (the output keeps all of it).
+            Characters the vocabulary lacks become its out-of-vocabulary token, with a warning.
         max_new_tokens: number of tokens to add (>= 0), or a list of them, one per prompt row.
         temperature: softmax temperature (> 0), or 0 for greedy decoding.
         top_k: sample only among the `top_k` most likely tokens (>= 1; None: all).
@@ -68,7 +68,8 @@ def generate(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top
     Returns:
         For a string, the prompt followed by the new text; for a list of strings, a list of those.
         For ids, `(batch, time + n)` ids, n the new tokens of the longest row (`max_new_tokens`
-        unless every row stopped early); rows that stopped sooner are padded with 0.
+        unless every row stopped early); rows that stopped sooner are padded with 0. For 1-D id arrays
+        of different lengths, a list of 1-D arrays: each prompt followed by its new ids.
         Text prompts never produce the padding id 0.
 
     Example:
@@ -93,7 +94,7 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
 
     Yields:
         For a string prompt, strings. For a list of strings, lists with one string per prompt; for
-        ids, lists with one 1-D int array of new ids per row (empty where nothing is new).
+        ids (either form), lists with one 1-D int array of new ids per row (empty where nothing is new).
 
     Example:
         >>> for piece in stream(model, "It is a truth", max_new_tokens=50):  # doctest: +SKIP
@@ -131,6 +132,11 @@ class Stream:
     def token_count(self, row):
         """How many new tokens the row has so far (stop sequences cut off)."""
         return len(self._job.new_ids[row])
+
+    def text(self, row):
+        """The row's new text so far, decoded (a piece that may still become a stop sequence held back);
+        for any prompt form, ids included (the model needs a vectorizer)."""
+        return self._job.new_text(row, self._job.ready(row))
 
     def finish_reason(self, row):
         """None while the row runs; then "stop" (it met a stop sequence), "length" (it made its
@@ -184,7 +190,7 @@ def _pieces(job):
         ready = [job.ready(row) for row in range(job.batch)]
         if ready == sent:
             continue
-        if job.kind == "ids":
+        if job.kind != "text" and job.kind != "texts":
             pieces = [np.asarray(ids[old:new], "int32") for ids, old, new in zip(job.new_ids, sent, ready)]
         else:
             texts = [job.new_text(row, new) for row, new in enumerate(ready)]
@@ -266,6 +272,9 @@ class _Job:
         return tokenizer.decode([last, *self.new_ids[row][:count]])[len(head):]
 
     def result(self):
+        if self.kind == "id rows":
+            return [np.concatenate([np.asarray(p, "int32"), np.asarray(ids, "int32")])
+                    for p, ids in zip(self.prompts, self.new_ids)]
         if self.kind == "ids":
             new = np.zeros((self.batch, max(len(ids) for ids in self.new_ids)), "int32")
             for row, ids in enumerate(self.new_ids):
@@ -391,7 +400,7 @@ def _bucket(length):
 def _logit_bias(job):
     """Added to the logits: -inf on the padding id 0 for text prompts (it decodes to nothing)."""
     bias = np.zeros((job.model.vocabulary_size,), "float32")
-    if job.kind != "ids" and job.model.tokenizer.decode([0]) == "":
+    if job.kind in ("text", "texts") and job.model.tokenizer.decode([0]) == "":
             bias[0] = -np.inf
     return bias
 
@@ -404,11 +413,18 @@ def _is_token_sampler(sampler):
 
 
 def _prompt_rows(model, prompt):
-    """`(kind, texts, rows)`: kind "text", "texts" or "ids"; rows are 1-D int32 arrays."""
+    """`(kind, texts, rows)`: kind "text", "texts", "ids" or "id rows" (a list of 1-D arrays, any lengths);
+    rows are 1-D int32 arrays."""
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                    and all(isinstance(p, str) for p in prompt)):
         kind, texts = ("text", [prompt]) if isinstance(prompt, str) else ("texts", list(prompt))
         return kind, texts, [tokenizers.prompt_ids(model.tokenizer, text) for text in texts]
+    if (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, np.ndarray) and p.ndim == 1
+                                                             for p in prompt)
+            and len({p.shape[0] for p in prompt}) > 1):  # rows of one length stay `(batch, time)` ids
+        return "id rows", None, [_validation.check_id_array(f"prompt[{i}]", p, 1, model.vocabulary_size,
+                                                            "1-D integer token ids, at least one")
+                                 for i, p in enumerate(prompt)]
     ids = _validation.check_id_array("prompt", prompt, 2, model.vocabulary_size, "a string, a list of "
                                      "strings or integer ids of shape (batch, time) with time >= 1")
     return "ids", None, list(ids)

@@ -1,7 +1,9 @@
 """The playground in a real browser: Debian's headless Chromium, driven by Playwright, against a live
 server on 127.0.0.1. It types a prompt, presses Generate, sees the text stream in, then stops a long
-generation with Stop; a screenshot is saved as a test artefact (under $TEST_ARTEFACTS when set, else
-pytest's temporary folder; the path is printed).
+generation with Stop; in chat mode it sends a message, sees the assistant's turn stream in, sends a
+second turn (the page sends the whole conversation, a typed stop string cuts the reply) and clears it.
+Screenshots are saved as test artefacts (under $TEST_ARTEFACTS when set, else pytest's temporary folder;
+the first one's path is printed).
 
 Chromium is the distribution's (`/usr/bin/chromium`; `.ci/run` and `make test` install it when missing);
 Playwright drives it with `executable_path`, never a browser of its own.
@@ -13,10 +15,13 @@ import shutil
 import time
 
 import httpx
+import keras
+import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 from conftest import CONTEXT, WAIT, ThreadServer, make_sharp_model
 
+import keras_nanogpt as kn
 from keras_nanogpt import serve
 
 NAME = "tiny"
@@ -89,3 +94,80 @@ def test_playground_streams_the_text_in_and_stops(served, page, tmp_path_factory
         time.sleep(0.05)
     assert len(completion(page)) == stopped_at
     assert not page.is_disabled("#generate") and page.is_disabled("#stop")
+
+
+# -- chat mode -------------------------------------------------------------------------------------------
+
+CHAT_CONTEXT = 128  # two turns of the default chat template, whole: more than make_sharp_model's 16
+
+
+@pytest.fixture(scope="module")
+def chat_served(char_vectorizer):
+    """A context-128 model (large random weights) behind its own server, for the chat template's turns."""
+    keras.utils.set_random_seed(5)
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CHAT_CONTEXT, 2, 2, 32, vectorizer=char_vectorizer)
+    rng = np.random.default_rng(5)
+    for variable in model.weights:
+        if len(variable.shape) == 2:
+            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
+    running = ThreadServer(serve.create_app(model, name=NAME, max_tokens=2000))
+    yield running, model
+    running.stop()
+
+
+def reply(model, messages, **settings):
+    """What `model.chat` replies (its contract: generate on the rendered ids, the template's stops)."""
+    ids = kn.chat.render(model, messages, max_tokens=CHAT_CONTEXT)  # as the server renders
+    out = model.generate(ids[None], stop=list(kn.chat.stop_sequences(model)), **settings)
+    return model.tokenizer.decode([int(i) for i in out[0, len(ids):]])
+
+
+def turns(page):
+    return page.evaluate("""[...document.querySelectorAll('#turns .turn')].map(
+        (turn) => [turn.querySelector('.role').textContent, turn.querySelector('.content').textContent])""")
+
+
+def test_playground_chat_mode_streams_turns_and_clears(chat_served, page, tmp_path_factory):
+    server, model = chat_served
+    page.goto(server.url + "/")
+    expect(page.locator("#model")).to_contain_text(f"context {CHAT_CONTEXT}", timeout=WAIT * 1000)
+    page.check("#mode-chat")
+    assert page.is_visible("#message") and not page.is_visible("#prompt") and page.is_visible("#clear")
+    assert page.inner_text("#generate") == "Send"
+    page.fill("#max_tokens", "30")
+    page.fill("#seed", "5")  # temperature 0.8 and top-k 40 are the page's defaults
+    settings = dict(max_new_tokens=30, temperature=0.8, top_k=40, seed=5)
+    page.evaluate("""window.updates = 0;
+        new MutationObserver((records) => { window.updates += records.length; }).observe(
+            document.getElementById('turns'), {childList: true, characterData: true, subtree: true});""")
+    finished = re.compile(r"\u00b7 (length|stop)$")
+
+    page.fill("#message", "Who is he?")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(finished, timeout=WAIT * 1000)
+    first = [{"role": "user", "content": "Who is he?"}]
+    (user, said), (assistant, answer) = turns(page)
+    assert (user, said, assistant) == ("user", "Who is he?", "assistant")
+    assert answer == reply(model, first, **settings)
+    assert page.evaluate("window.updates") >= 10  # the reply came in piece by piece
+    assert page.input_value("#message") == ""
+
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And she?"}]
+    free = reply(model, second, **settings)  # the page sends the whole conversation
+    cut = next(i for i in range(6, len(free) - 1)  # a stop string that first appears at i, typed as is
+               if free.index(free[i:i + 2]) == i and not {"\n", "\\"} & set(free[i:i + 2]))
+    stop = free[cut:cut + 2]
+    page.fill("#stop_string", stop)
+    page.fill("#message", "And she?")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(re.compile(r"\u00b7 stop$"), timeout=WAIT * 1000)
+    assert [role for role, _ in turns(page)] == ["user", "assistant", "user", "assistant"]
+    assert turns(page)[3][1] == free[:cut]  # cut at the stop string
+    folder = os.environ.get("TEST_ARTEFACTS") or str(tmp_path_factory.mktemp("artefacts"))
+    os.makedirs(folder, exist_ok=True)
+    page.screenshot(path=os.path.join(folder, "playground_chat.png"))
+
+    page.click("#clear")
+    assert turns(page) == []
+    page.check("#mode-completion")
+    assert page.is_visible("#prompt") and not page.is_visible("#message")

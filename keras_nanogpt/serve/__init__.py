@@ -6,7 +6,10 @@ Routes:
     POST /v1/completions   OpenAI's completions: prompt (a string or a list), max_tokens, temperature,
                            top_p, n, stream (server-sent events), stop, seed, echo, stream_options,
                            and the extension top_k. Errors come in OpenAI's JSON shape.
-    GET  /v1/models        the served model (GET /v1/models/{name} too).
+    POST /v1/chat/completions  OpenAI's chat completions: messages rendered with the model's chat
+                           template (`keras_nanogpt.chat`), the same settings (max_completion_tokens
+                           too), `chat.completion.chunk` deltas when streaming.
+    GET  /v1/models        the served model, and its chat template (GET /v1/models/{name} too).
     GET  /health           status, queue length and live rows; open without the API key.
     GET  /                 the playground (`keras_nanogpt.serve.page`): one page, no external assets.
 

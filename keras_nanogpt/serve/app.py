@@ -1,4 +1,4 @@
-"""The ASGI app of `keras-nanogpt serve`: its routes, and each completion's response or event stream.
+"""The ASGI app of `keras-nanogpt serve`: its routes, and each completion's or chat's response or event stream.
 
 Example:
     >>> app = create_app(kn.load_model("pride.keras"))  # doctest: +SKIP
@@ -7,6 +7,7 @@ Example:
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -17,11 +18,12 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from keras_nanogpt import _validation, backends
+from keras_nanogpt import _validation, backends, chat
 from keras_nanogpt.serve import batching, page
 from keras_nanogpt.serve.events import (AcceptedEvent, ClosedEvent, DoneEvent, FailedEvent, FinishEvent,
                                         RefusedEvent, TextEvent)
-from keras_nanogpt.serve.requests import APIError, completion_params, parse_json, read_body, unknown_model
+from keras_nanogpt.serve.requests import (APIError, chat_params, completion_params, parse_json, read_body,
+                                          unknown_model)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def create_app(model, name="nanogpt", api_key=None, max_batch=32, max_queue=64, 
                 Route("/health", service.health, methods=["GET"]),
                 Route("/v1/models", service.models, methods=["GET"]),
                 Route("/v1/models/{name:path}", service.model, methods=["GET"]),
-                Route("/v1/completions", service.completions, methods=["POST"])],
+                Route("/v1/completions", service.completions, methods=["POST"]),
+                Route("/v1/chat/completions", service.chat_completions, methods=["POST"])],
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan)
     app.state.batcher = batcher
@@ -96,7 +99,8 @@ def check_limits(max_batch=32, max_queue=64, max_tokens=512, max_prompt_tokens=N
 
 async def _not_found(request, exc):
     return APIError(404, f"No route {request.method} {request.url.path}; this server has POST "
-                         f"/v1/completions, GET /v1/models, GET /health and GET /.", code="not_found").response()
+                         f"/v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /.",
+                    code="not_found").response()
 
 
 async def _not_allowed(request, exc):
@@ -118,7 +122,11 @@ class _Service:
                      "vocabulary_size": int(model.vocabulary_size), "layers": int(model.num_layers),
                      "hidden_dim": int(model.hidden_dim), "backend": backends.name(),
                      "max_tokens": max_tokens, "max_batch": batcher.max_batch,
-                     "max_prompt_tokens": batcher.max_prompt_tokens}
+                     "max_prompt_tokens": batcher.max_prompt_tokens,
+                     "has_chat_template": bool(chat.has_template(model)),
+                     "chat_template": chat.template_of(model).name}
+        # The template's stop sequences come first, then the request's (as `model.chat` puts them).
+        self.chat_stop = tuple(tuple(s) if isinstance(s, list) else s for s in chat.stop_sequences(model))
         self.page, self.page_policy = page.page()
 
     async def playground(self, request):
@@ -162,11 +170,27 @@ class _Service:
                 raise error
             body = await read_body(request, self.max_body_bytes)
             params = completion_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
-            return await self._complete(request, params)
+            job = batching.Request(params["prompts"], params["n"], params["max_tokens"], params["sampling"], None)
+            return await self._complete(request, params, job, _Completion)
         except APIError as error:
             return error.response()
 
-    async def _complete(self, request, params):
+    async def chat_completions(self, request):
+        try:
+            if (error := self._unauthorized(request)) is not None:
+                raise error
+            body = await read_body(request, self.max_body_bytes)
+            params = chat_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
+            sampling = params["sampling"]
+            sampling = dataclasses.replace(sampling, stop=self.chat_stop + sampling.stop)
+            job = batching.Request(None, params["n"], params["max_tokens"], sampling, None,
+                                   messages=params["messages"])
+            return await self._complete(request, params, job, _ChatCompletion)
+        except APIError as error:
+            return error.response()
+
+    async def _complete(self, request, params, job, kind):
+        """Submit `job` (a `batching.Request` whose `deliver` this sets), and answer with `kind`'s response."""
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
 
@@ -174,7 +198,7 @@ class _Service:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                 loop.call_soon_threadsafe(queue.put_nowait, events)
 
-        job = batching.Request(params["prompts"], params["n"], params["max_tokens"], params["sampling"], deliver)
+        job.deliver = deliver
         try:
             self.batcher.submit(job)
         except batching.QueueFull as error:
@@ -187,8 +211,7 @@ class _Service:
             raise APIError(400, answer.message, param=answer.param)
         if not isinstance(answer, AcceptedEvent):  # a ClosedEvent or FailedEvent
             raise APIError(503 if isinstance(answer, ClosedEvent) else 500, answer.message, kind="server_error")
-        completion = _Completion(self.name, params, prompt_tokens=sum(answer.prompt_tokens),
-                                 warnings=answer.warnings)
+        completion = kind(self.name, params, prompt_tokens=sum(answer.prompt_tokens), warnings=answer.warnings)
         if params["stream"]:
             return StreamingResponse(completion.stream(queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -199,15 +222,18 @@ class _Service:
 
 
 class _Completion:
-    """One accepted request: its choices as they fill, and the response or the event stream."""
+    """One accepted completions request: its choices as they fill, and the response or the event stream."""
+
+    PREFIX, OBJECT, CHUNK_OBJECT = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, name, params, prompt_tokens, warnings):
         self.params = params
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        self.head = {"id": f"{self.PREFIX}-{uuid.uuid4().hex}", "object": self.OBJECT,
                      "created": int(time.time()), "model": name}
-        rows = [p for p in params["prompts"] for _ in range(params["n"])]
-        self.texts = list(rows) if params["echo"] else [""] * len(rows)
-        self.echo = rows if params["echo"] else None
+        self.chunk_head = {**self.head, "object": self.CHUNK_OBJECT}
+        rows = [p for p in params.get("prompts", [""]) for _ in range(params["n"])]
+        self.texts = list(rows) if params.get("echo") else [""] * len(rows)
+        self.echo = rows if params.get("echo") else None
         self.reasons = [None] * len(rows)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
@@ -237,7 +263,7 @@ class _Completion:
                 if (error := self._take(event)) is not None:
                     return error
                 if isinstance(event, DoneEvent):
-                    choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+                    choices = [self._choice(i, text, reason)
                                for i, (text, reason) in enumerate(zip(self.texts, self.reasons))]
                     body = {**self.head, "choices": choices, "usage": self.usage()}
                     if self.warnings:
@@ -248,9 +274,8 @@ class _Completion:
         """Server-sent events: one chunk per piece and choice, a finishing chunk per choice, [DONE]."""
         first = {"warnings": self.warnings} if self.warnings else {}
         try:
-            if self.echo is not None:
-                yield b"".join(self._chunk(i, text, None, first if i == 0 else {})
-                               for i, text in enumerate(self.echo))
+            if (opening := self._opening(first)) is not None:
+                yield opening
                 first = {}
             while True:
                 out = []
@@ -267,7 +292,7 @@ class _Completion:
                         first = {}
                     elif isinstance(event, DoneEvent):
                         if self.include_usage:
-                            out.append(_event({**self.head, "choices": [], "usage": self.usage()}))
+                            out.append(_event({**self.chunk_head, "choices": [], "usage": self.usage()}))
                         out.append(b"data: [DONE]\n\n")
                         yield b"".join(out)
                         return
@@ -275,12 +300,44 @@ class _Completion:
         finally:
             job.cancel()  # the client went away (or all is sent): no more tokens for this request
 
+    def _choice(self, index, text, reason):
+        """A choice of the whole response."""
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+
+    def _opening(self, extra):
+        """The stream's first events before any token (the echoed prompts), or None."""
+        if self.echo is None:
+            return None
+        return b"".join(self._chunk(i, text, None, extra if i == 0 else {}) for i, text in enumerate(self.echo))
+
     def _chunk(self, index, text, reason, extra):
-        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
-        body = {**self.head, "choices": [choice], **extra}
+        return self._event(self._choice(index, text, reason), extra)
+
+    def _event(self, choice, extra):
+        body = {**self.chunk_head, "choices": [choice], **extra}
         if self.include_usage:
             body["usage"] = None
         return _event(body)
+
+
+class _ChatCompletion(_Completion):
+    """One accepted chat request: a `chat.completion` (each choice a message) or `chat.completion.chunk` deltas
+    (the role first, then the content, then an empty delta with the finish reason)."""
+
+    PREFIX, OBJECT, CHUNK_OBJECT = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def _choice(self, index, text, reason):
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
+
+    def _opening(self, extra):
+        return b"".join(self._event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}, extra if i == 0 else {})
+                        for i in range(len(self.texts)))
+
+    def _chunk(self, index, text, reason, extra):
+        return self._event({"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
+                            "finish_reason": reason}, extra)
 
 
 def _event(body):

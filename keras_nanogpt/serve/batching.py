@@ -1,11 +1,14 @@
 """Request batching for `keras-nanogpt serve`: requests that arrive together share one decode batch.
 
 One thread, the decode thread, owns the model. It checks each new request's prompts (tokens,
-length, characters the vocabulary lacks), picks the next batch from the waiting requests and runs
-it through `generation.stream`, handing every request its pieces as they are made. The rules:
+length, characters the vocabulary lacks; a chat request's messages are rendered to ids here), picks
+the next batch from the waiting requests and runs it through `generation.stream`, handing every
+request its pieces as they are made. The rules:
 
-- A batch holds requests with the same sampling settings (temperature, top_k, top_p, stop strings),
-  in arrival order, up to `max_batch` rows (a request has one row per prompt and choice: prompts x n).
+- A batch holds requests with the same sampling settings (temperature, top_k, top_p, stop strings)
+  and of the same kind (completions, whose text prompts never produce the padding id, as
+  `model.generate(text)`; or chats, whose rendered ids decode as `model.chat` does), in arrival
+  order, up to `max_batch` rows (a request has one row per prompt and choice: prompts x n).
   Each row ends at its own request's `max_tokens`. Rows are padded to a power of two with rows that
   make no tokens, so a handful of batch shapes get compiled, not one per batch size.
 - A request with a `seed` runs alone: its rows, no padding, nothing else in the batch. Its tokens
@@ -30,7 +33,7 @@ import logging
 import threading
 import warnings
 
-from keras_nanogpt import generation, tokenizers
+from keras_nanogpt import chat, generation, tokenizers
 from keras_nanogpt.serve.events import (AcceptedEvent, ClosedEvent, DoneEvent, FailedEvent, FinishEvent,
                                         RefusedEvent, TextEvent)
 
@@ -69,14 +72,16 @@ class Sampling:
 
 
 class Request:
-    """One completion request as the decode thread sees it: prompts, n choices each, settings.
+    """One completion or chat request as the decode thread sees it: prompts, n choices each, settings.
 
     Args:
-        prompts: the prompt strings.
+        prompts: the prompt strings (a completion), or None for a chat.
         n: choices per prompt; choice `i * n + j` is prompt `i`'s `j`-th.
         max_tokens: new tokens per choice, at most.
         sampling: a `Sampling`.
         deliver: called on the decode thread with each list of events (see the module docstring).
+        messages: a chat's checked messages (`keras_nanogpt.chat.check_messages`), rendered to one
+            prompt of ids on the decode thread; None for a completion.
 
     Example:
         >>> request = Request(["It is"], 1, 20, Sampling(), deliver=print)
@@ -84,8 +89,10 @@ class Request:
         1
     """
 
-    def __init__(self, prompts, n, max_tokens, sampling, deliver):
-        self.prompts = list(prompts)
+    def __init__(self, prompts, n, max_tokens, sampling, deliver, messages=None):
+        self.prompts = list(prompts) if messages is None else [None]
+        self.messages = messages
+        self.ids = None  # a chat's prompt ids, once rendered
         self.n = n
         self.max_tokens = max_tokens
         self.sampling = sampling
@@ -95,6 +102,11 @@ class Request:
     @property
     def rows(self):
         return len(self.prompts) * self.n
+
+    @property
+    def key(self):
+        """Requests share a batch only when their keys are equal: the same settings, the same kind."""
+        return self.sampling, self.messages is not None
 
     def cancel(self):
         """Make no more tokens for this request (safe from any thread; takes effect at the next token)."""
@@ -256,7 +268,13 @@ class Batcher:
         counts = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for index, prompt in enumerate(request.prompts):
+            if request.messages is not None:  # a conversation too long is cut from the left, or refused
+                try:
+                    request.ids = chat.render(self.model, request.messages, max_tokens=self.max_prompt_tokens)
+                except (ValueError, TypeError) as error:
+                    return RefusedEvent(" ".join(str(error).split()), "messages")  # e.g. it cannot fit
+                counts.append(int(request.ids.size))
+            for index, prompt in enumerate(p for p in request.prompts if p is not None):
                 name = "prompt" if len(request.prompts) == 1 else f"prompt[{index}]"
                 ids = tokenizers.prompt_ids(tokenizer, prompt, name)
                 if ids.size > self.max_prompt_tokens:
@@ -282,7 +300,7 @@ class Batcher:
         first = self._waiting[0]
         if first.sampling.seed is not None:
             return self.max_batch
-        return sum(r.rows for r in self._waiting if r.sampling == first.sampling)
+        return sum(r.rows for r in self._waiting if r.key == first.key)
 
     def _take(self):
         """The oldest waiting request and, unless it has a seed, the later ones with its settings."""
@@ -290,7 +308,7 @@ class Batcher:
         batch, rows = [first], first.rows
         if first.sampling.seed is None:
             for request in self._waiting[1:]:
-                if request.sampling == first.sampling and rows + request.rows <= self.max_batch:
+                if request.key == first.key and rows + request.rows <= self.max_batch:
                     batch.append(request)
                     rows += request.rows
         taken = set(map(id, batch))
@@ -300,7 +318,8 @@ class Batcher:
 
     def _decode(self, batch):
         rows = [(request, choice, prompt) for request in batch
-                for choice, prompt in enumerate(p for p in request.prompts for _ in range(request.n))]
+                for choice, prompt in enumerate(request.ids if request.messages is not None else p
+                                                for p in request.prompts for _ in range(request.n))]
         prompts = [prompt for _, _, prompt in rows]
         limits = [request.max_tokens for request, _, _ in rows]
         sampling = batch[0].sampling
@@ -317,7 +336,10 @@ class Batcher:
                 stop=list(sampling.stop) or None)
         remaining = {request: request.rows for request in batch}  # rows not yet finished
         live = list(range(len(rows)))
+        texts = None if batch[0].messages is None else [""] * len(rows)  # a chat's rows: ids in, text out
         for pieces in stream:
+            if texts is not None:
+                pieces = self._texts(stream, live, pieces, texts)
             live = self._hand_out(stream, rows, live, pieces, remaining)
             if self._closing is not None:
                 for request in {rows[row][0] for row in live}:
@@ -327,6 +349,16 @@ class Batcher:
             if not live:
                 return
         self._hand_out(stream, rows, live, None, remaining)  # rows that ended without a last piece
+
+    @staticmethod
+    def _texts(stream, live, pieces, texts):
+        """The new text of each live row whose ids grew (`texts`: each row's text so far, updated)."""
+        out = [""] * len(pieces)
+        for row in live:
+            if len(pieces[row]):
+                text = stream.text(row)
+                out[row], texts[row] = text[len(texts[row]):], text
+        return out
 
     @staticmethod
     def _hand_out(stream, rows, live, pieces, remaining):

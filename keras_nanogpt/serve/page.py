@@ -1,8 +1,11 @@
 """The playground page `keras-nanogpt serve` answers at `/`: one HTML page, no build step, no assets.
 
-It reads the model's name and size from `/v1/models`, sends the prompt to `/v1/completions` with
-`stream: true`, and writes the text in as the server-sent events come; Stop aborts the request, and
-the server then stops making tokens for it. Its script and style are inline, allowed by their
+It reads the model's name and size from `/v1/models`. In completion mode it sends the prompt to
+`/v1/completions` with `stream: true` and writes the text in as the server-sent events come; in chat
+mode it shows the conversation's turns and sends them (with an optional system message) to
+`/v1/chat/completions`, streaming the assistant's reply into a new turn; Clear starts a new
+conversation. Stop aborts the request, and the server then stops making tokens for it; the stop field
+gives a stop string (`\\n` for a newline) in either mode. Its script and style are inline, allowed by their
 hashes in the page's Content-Security-Policy (`page()` gives both), so it works offline and loads
 nothing from anywhere.
 """
@@ -35,6 +38,13 @@ button:disabled { opacity: .45; cursor: default; }
 #output { white-space: pre-wrap; font: 14px/1.5 ui-monospace, monospace; background: var(--panel);
           border: 1px solid var(--line); border-radius: .3em; padding: .8em; min-height: 12em; margin: 0; }
 #completion { color: var(--accent); }
+.modes { display: flex; gap: 1em; margin-bottom: .6em; }
+#system { width: 100%; font: inherit; padding: .3em .5em; margin-bottom: .6em; }
+#turns { display: flex; flex-direction: column; gap: .5em; margin-bottom: .6em; }
+.turn { border: 1px solid var(--line); border-radius: .3em; padding: .4em .7em; background: var(--panel); }
+.turn .role { font-size: .8em; color: var(--muted); }
+.turn .content { white-space: pre-wrap; font: 14px/1.5 ui-monospace, monospace; }
+.turn.assistant .content { color: var(--accent); }
 """
 
 BODY = """
@@ -47,12 +57,20 @@ BODY = """
     <label>top-p <input id="top_p" type="number" min="0.01" max="1" step="0.01" value="1"></label>
     <label>max tokens <input id="max_tokens" type="number" min="1" step="1" value="200"></label>
     <label>seed (empty: random) <input id="seed" type="number" min="0" step="1"></label>
+    <label>stop string (\\n: newline) <input id="stop_string" type="text" autocomplete="off"></label>
     <label id="key-row" hidden>API key <input id="key" type="password" autocomplete="off"></label>
   </aside>
   <section>
+    <div class="modes"><label><input type="radio" name="mode" id="mode-completion" value="completion" checked>
+      completion</label><label><input type="radio" name="mode" id="mode-chat" value="chat"> chat</label></div>
+    <div id="chat-pane" hidden>
+      <input id="system" type="text" placeholder="System message (optional)" autocomplete="off">
+      <div id="turns"></div>
+      <textarea id="message" placeholder="Type a message; Ctrl+Enter sends"></textarea>
+    </div>
     <textarea id="prompt" placeholder="Type a prompt; Ctrl+Enter generates">It is a truth universally acknowledged</textarea>
     <div class="buttons"><button id="generate">Generate</button><button id="stop" disabled>Stop</button>
-      <span id="status"></span></div>
+      <button id="clear" hidden>Clear</button><span id="status"></span></div>
     <pre id="output"><span id="echo"></span><span id="completion"></span></pre>
   </section>
 </main>
@@ -60,7 +78,7 @@ BODY = """
 
 SCRIPT = """
 const $ = (id) => document.getElementById(id);
-let modelName = null, controller = null;
+let modelName = null, controller = null, mode = "completion", history = [], conversation = 0;
 
 function headers() {
   const result = {"Content-Type": "application/json"};
@@ -86,27 +104,64 @@ async function loadModel() {
   $("max_tokens").max = card.max_tokens;
 }
 
-function request() {
-  const body = {model: modelName, prompt: $("prompt").value, stream: true,
-                stream_options: {include_usage: true},
+function settings() {
+  const body = {model: modelName, stream: true, stream_options: {include_usage: true},
                 max_tokens: Number($("max_tokens").value), temperature: Number($("temperature").value),
                 top_p: Number($("top_p").value)};
   if (Number($("top_k").value) > 0) body.top_k = Number($("top_k").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("stop_string").value !== "") body.stop = [$("stop_string").value.replaceAll("\\\\n", "\\n")];
   return body;
+}
+
+function setMode(value) {
+  mode = value;
+  const chat = mode === "chat";
+  $("chat-pane").hidden = !chat; $("clear").hidden = !chat;
+  $("prompt").hidden = chat; $("output").hidden = chat;
+  $("generate").textContent = chat ? "Send" : "Generate";
+  status("");
+}
+
+function addTurn(role, text) {
+  const turn = document.createElement("div"), label = document.createElement("div");
+  const content = document.createElement("div");
+  turn.className = "turn " + role; label.className = "role"; content.className = "content";
+  label.textContent = role; content.textContent = text;
+  turn.append(label, content);
+  $("turns").append(turn);
+  return content;
+}
+
+function clearChat() {
+  if (controller) controller.abort();
+  history = []; conversation += 1; $("turns").replaceChildren(); status("");
 }
 
 async function generate() {
   if (controller) return;
+  let url, body, output;
+  const current = conversation;
+  if (mode === "chat") {
+    const text = $("message").value;
+    if (!text.trim()) return;
+    history.push({role: "user", content: text});
+    addTurn("user", text); $("message").value = "";
+    output = addTurn("assistant", "");
+    const system = $("system").value.trim() ? [{role: "system", content: $("system").value}] : [];
+    url = "/v1/chat/completions"; body = {...settings(), messages: [...system, ...history]};
+  } else {
+    $("echo").textContent = $("prompt").value; $("completion").textContent = "";
+    url = "/v1/completions"; body = {...settings(), prompt: $("prompt").value}; output = $("completion");
+  }
   controller = new AbortController();
   $("generate").disabled = true; $("stop").disabled = false;
-  $("echo").textContent = $("prompt").value; $("completion").textContent = "";
   const started = performance.now();
   let first = null, pieces = 0, reason = null, usage = null, failure = null;
   status("waiting for the first token\\u2026");
   try {
-    const response = await fetch("/v1/completions", {method: "POST", headers: headers(),
-                                                      body: JSON.stringify(request()), signal: controller.signal});
+    const response = await fetch(url, {method: "POST", headers: headers(), body: JSON.stringify(body),
+                                       signal: controller.signal});
     if (!response.ok) {
       const body = await response.json().catch(() => ({error: {message: response.statusText}}));
       if (response.status === 401) $("key-row").hidden = false;
@@ -128,8 +183,9 @@ async function generate() {
         if (chunk.error) { failure = chunk.error.message; continue; }
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices) {
-          if (choice.text) {
-            $("completion").textContent += choice.text;
+          const text = choice.text ?? (choice.delta && choice.delta.content);
+          if (text) {
+            output.textContent += text;
             pieces += 1;
             if (first === null) first = performance.now();
           }
@@ -143,6 +199,10 @@ async function generate() {
     failure = error.name === "AbortError" ? null : error.message;
     if (error.name === "AbortError") reason = "stopped";
   } finally {
+    if (body.messages && current === conversation) {  // (Clear may have started a new one meanwhile)
+      if (failure) history.pop();  // the turn failed: it is not part of the conversation
+      else history.push({role: "assistant", content: output.textContent});
+    }
     controller = null;
     $("generate").disabled = false; $("stop").disabled = true;
     const tokens = usage ? usage.completion_tokens : pieces;
@@ -156,7 +216,12 @@ async function generate() {
 
 $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", () => controller && controller.abort());
+$("clear").addEventListener("click", clearChat);
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) generate(); });
+$("message").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) generate(); });
+for (const radio of document.querySelectorAll("input[name=mode]")) {
+  radio.addEventListener("change", (e) => setMode(e.target.value));
+}
 $("temperature-range").addEventListener("input", (e) => { $("temperature").value = e.target.value; });
 $("temperature").addEventListener("input", (e) => { $("temperature-range").value = e.target.value; });
 $("key").addEventListener("change", loadModel);

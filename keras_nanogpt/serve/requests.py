@@ -1,4 +1,4 @@
-"""Reading a completions request: the body, its JSON and each field checked, or an `APIError` in OpenAI's shape.
+"""Reading a completions or chat request: the body, its JSON and each field checked, or an `APIError` in OpenAI's shape.
 
 The field checks are `_validation`'s (the same messages as the Python API's), answered as 400s.
 
@@ -12,7 +12,7 @@ import json
 
 from starlette.responses import JSONResponse
 
-from keras_nanogpt import _validation
+from keras_nanogpt import _validation, chat
 from keras_nanogpt.serve.batching import Sampling
 
 _STOP_STRINGS = 4  # OpenAI's limit
@@ -23,6 +23,17 @@ _UNSUPPORTED = {  # OpenAI fields taken only at the value that changes nothing
 }
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
           "stream_options", "stop", "seed", "echo", "user", *_UNSUPPORTED)
+_CHAT_UNSUPPORTED = {  # OpenAI chat fields taken only at the value that changes nothing
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "tools": (None, []),
+    "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,), "store": (None, False), "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"), "verbosity": (None,),
+}
+CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+               "stream", "stream_options", "stop", "seed", "user", *_CHAT_UNSUPPORTED)
 
 
 class APIError(Exception):
@@ -97,32 +108,80 @@ def completion_params(payload, served, max_tokens, max_batch):
     Returns:
         A dict: prompts, max_tokens, n, stream, echo, stream_options and sampling (a `Sampling`).
     """
-    unknown = sorted(set(payload) - set(FIELDS))
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}. This server takes "
-                            f"{', '.join(FIELDS)}.", param=unknown[0])
-    for field, neutral in _UNSUPPORTED.items():
-        if field in payload and payload[field] not in neutral:
-            raise APIError(400, f"`{field}` is not supported by this server; leave it out.", param=field)
-    get = payload.get
-    model = get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, f"`model` must be a string; got {model!r}.", param="model")
-    if model is not None and model != served:
-        raise unknown_model(model, served)
-    prompts = _prompts(get("prompt"))
+    _check_fields(payload, FIELDS, _UNSUPPORTED, served)
+    prompts = _prompts(payload.get("prompt"))
     params = {
         "prompts": prompts,
         "max_tokens": _field(payload, "max_tokens", 16, _validation.check_int, minimum=0, maximum=max_tokens,
                              limit="the server's --max-tokens"),
-        "n": _field(payload, "n", 1, _validation.check_int, maximum=max_batch, limit="the server's --max-batch"),
-        "stream": _boolean(payload, "stream"),
         "echo": _boolean(payload, "echo"),
-        "stream_options": get("stream_options"),
     }
-    if len(prompts) * params["n"] > max_batch:
-        raise APIError(400, f"{len(prompts)} prompts x n={params['n']} choices make "
-                            f"{len(prompts) * params['n']} rows; this server batches at most {max_batch} "
+    return _shared(payload, params, len(prompts), max_batch)
+
+
+def chat_params(payload, served, max_tokens, max_batch):
+    """The checked settings of a chat completions request (APIError 400/404 on bad input).
+
+    Args:
+        payload: the request's JSON object.
+        served: the served model's name.
+        max_tokens: the largest `max_tokens` / `max_completion_tokens` allowed (the server's --max-tokens),
+            and the default when neither is given.
+        max_batch: choices (n) allowed (the server's --max-batch).
+
+    Returns:
+        A dict: messages (checked, `keras_nanogpt.chat.check_messages`), max_tokens, n, stream,
+        stream_options and sampling (a `Sampling`; the template's stop sequences are the app's to add).
+
+    Example:
+        >>> chat_params({"messages": [{"role": "user", "content": "Hi"}]}, "tiny", 512, 32)["max_tokens"]
+        512
+    """
+    _check_fields(payload, CHAT_FIELDS, _CHAT_UNSUPPORTED, served)
+    try:
+        messages = chat.check_messages(payload.get("messages"))
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        param = message.split("`")[1] if message.startswith("`") and message.count("`") >= 2 else "messages"
+        raise APIError(400, message, param=param) from None
+    for i, message in enumerate(messages):
+        _check_unicode(message["content"], f"messages[{i}].content")
+    limits = dict(minimum=0, maximum=max_tokens, limit="the server's --max-tokens")
+    length = _field(payload, "max_completion_tokens", None, _validation.check_int, **limits)
+    legacy = _field(payload, "max_tokens", None, _validation.check_int, **limits)
+    if length is not None and legacy is not None and length != legacy:
+        raise APIError(400, f"`max_tokens` ({legacy}) and `max_completion_tokens` ({length}) disagree; "
+                            f"give one of them.", param="max_completion_tokens")
+    params = {"messages": messages, "max_tokens": next(v for v in (length, legacy, max_tokens) if v is not None)}
+    return _shared(payload, params, 1, max_batch)
+
+
+def _check_fields(payload, fields, unsupported, served):
+    """400 for a field the server does not know or does not do (at a value that changes something);
+    404 for another model."""
+    unknown = sorted(set(payload) - set(fields))
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}. This server takes "
+                            f"{', '.join(fields)}.", param=unknown[0])
+    for field, neutral in unsupported.items():
+        if field in payload and payload[field] not in neutral:
+            raise APIError(400, f"`{field}` is not supported by this server; leave it out.", param=field)
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"`model` must be a string; got {model!r}.", param="model")
+    if model is not None and model != served:
+        raise unknown_model(model, served)
+
+
+def _shared(payload, params, prompts, max_batch):
+    """`params` with the settings completions and chats share: n, stream, stream_options, sampling."""
+    get = payload.get
+    params.update(n=_field(payload, "n", 1, _validation.check_int, maximum=max_batch,
+                           limit="the server's --max-batch"),
+                  stream=_boolean(payload, "stream"), stream_options=get("stream_options"))
+    if prompts * params["n"] > max_batch:
+        raise APIError(400, f"{prompts} prompts x n={params['n']} choices make "
+                            f"{prompts * params['n']} rows; this server batches at most {max_batch} "
                             f"(its --max-batch).", param="n")
     options = params["stream_options"]
     if options is not None:
