@@ -72,7 +72,7 @@ def main():
 
     chats = conversations(text, 100)
     random.Random(args.seed).shuffle(chats)
-    held_out, chats = chats[:20], chats[20:]
+    held_out, chats = chats[:4 if args.tiny else 20], chats[20:]
     print(f"{len(chats)} conversations such as {chats[0]}")
 
     chat_model = kn.chat.add_chat_template(model)  # the turn tokens: new rows, old weights as they were

@@ -512,6 +512,7 @@ def sft(model, conversations, out=None, steps=None, epochs=None, learning_rate=3
     learning_rate = _validation.check_float("learning_rate", learning_rate, 0.0, 1.0, low_inclusive=False)
     if lora_rank is not None:
         lora_rank = _validation.check_int("lora_rank", lora_rank)
+    conversations = read_conversations(conversations)  # a bad line fails before the model loads
     if isinstance(model, (str, os.PathLike)):
         model = saving.load_model(model, compile=False)
     if not has_template(model):

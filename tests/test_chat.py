@@ -13,6 +13,7 @@ import pytest
 from conftest import BACKEND, QUICK_COMPILE, messages, to_numpy
 
 import keras_nanogpt as kn
+from keras_nanogpt import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -185,28 +186,30 @@ def test_chat_is_generate_on_the_rendered_prompt(tiny_model, chat_model):
             assert "".join(model.chat(conversation, stream=True, stop=stop, **options)) == reply
 
 
-def test_cli_sft_then_chat_under_a_pipe_and_the_example(tmp_path, tiny_model):
+def test_cli_sft_then_chat_under_a_pipe_and_the_example(tmp_path, tiny_model, capsys):
+    """The three runs go side by side: the example (--tiny), `sft` with LoRA, and `chat` under a pipe."""
     example = _run(os.path.join(ROOT, "examples", "chat_sft.py"), "--tiny", "--out", str(tmp_path / "ex.keras"))
     tiny_model.save(tmp_path / "base.keras")
+    kn.chat.add_chat_template(tiny_model).save(tmp_path / "grown.keras")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(c if isinstance(c, dict) else {"messages": c}) + "\n" for c in CONVERSATIONS))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    failing = _run("sft", str(tmp_path / "base.keras"), "--data", str(bad), "--out", str(tmp_path / "x.keras"))
     sft = _run("sft", str(tmp_path / "base.keras"), "--data", str(data), "--out", str(tmp_path / "chat.keras"),
                "--steps", "2", "--batch-size", "2", "--lora-rank", "2")
+    chat = _run("chat", str(tmp_path / "grown.keras"), "--max-new-tokens", "8", "--seed", "0", "--system",
+                "Be brief.", stdin=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    assert cli.main(["sft", str(tmp_path / "base.keras"), "--data", str(bad), "--out", str(tmp_path / "x.keras")]) == 2
+    err = capsys.readouterr().err
+    assert len(messages(err)) == 1 and "bad.jsonl' line 1: `messages[0].role` must be one of" in err
+
+    out, err = chat.communicate("Who is Darcy?\n/clear\nHello\n", timeout=300)
+    assert chat.returncode == 0, err
+    assert len(out.split("\n")) >= 3 and "> " not in out  # two replies, no prompts under a pipe
     out, err = sft.communicate(timeout=300)
     assert sft.returncode == 0, err
     report = json.loads(out.splitlines()[-1])
-    assert report["steps"] == 2 and report["loss_before"] > 0
-    _, err = failing.communicate(timeout=300)
-    assert failing.returncode == 2 and messages(err) == [m for m in messages(err) if m.startswith("error: ")]
-    assert "bad.jsonl' line 1: `messages[0].role` must be one of" in err
-    chat = _run("chat", str(tmp_path / "chat.keras"), "--max-new-tokens", "8", "--seed", "0", "--system", "Be brief.",
-                stdin=True)
-    out, err = chat.communicate("Who is Darcy?\n/clear\nHello\n", timeout=300)
-    assert chat.returncode == 0, err
-    assert len(out.split("\n")) >= 3 and "> " not in out  # no prompts under a pipe
+    assert report["steps"] == 2 and report["loss_before"] > 0 and "loss on the assistant's tokens before" in out
     loaded = kn.load_model(tmp_path / "chat.keras")
     assert loaded.chat_template.name == "nanochat" and kn.adapters.lora_config(loaded)["rank"] == 2
     out, err = example.communicate(timeout=300)
