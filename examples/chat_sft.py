@@ -93,7 +93,8 @@ def main():
     for i, (question, answer) in enumerate(held_out):
         ids = kn.chat.render(chat_model, [question])
         new = np.asarray(chat_model.generate(ids[None], max_new_tokens=24, temperature=0))[0, len(ids):]
-        ended += int(end_id in new.tolist())
+        if end_id in new.tolist():  # the turn, up to and including its end token
+            ended, new = ended + 1, new[:new.tolist().index(end_id) + 1]
         reply = chat_model.chat([question], max_new_tokens=24, temperature=0)
         right += int(reply == answer["content"])
         if i < 3:

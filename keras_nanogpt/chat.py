@@ -127,11 +127,11 @@ class ChatTemplate:
             return [m for i, m in enumerate(messages) if i not in dropped]
 
         def fits(drop):
-            return len(self._encode(tokenizer, kept(drop))[0]) + reserve <= max_tokens
+            return len(self._encode(tokenizer, kept(drop), warn=False)[0]) + reserve <= max_tokens
 
         low, high = 0, max(len(others) - 1, 0)  # the fewest messages left out that fit: a binary search
         if not fits(high):
-            total = len(self._encode(tokenizer, messages)[0]) + reserve
+            total = len(self._encode(tokenizer, messages, warn=False)[0]) + reserve
             raise ValueError(f"`messages` does not fit {max_tokens} tokens even with only its last message "
                              f"and the system messages ({total} tokens with all {len(messages)} messages).")
         while low < high:
@@ -176,7 +176,7 @@ class ChatTemplate:
             turns.append(("user", "\n\n".join(pending)))
         return turns
 
-    def _encode(self, tokenizer, messages):
+    def _encode(self, tokenizer, messages, warn=True):
         ids, mask, texts, text_ids = [], [], [], []
         for role, content in self._turns(messages):
             start, end = getattr(self, role)
@@ -189,7 +189,7 @@ class ChatTemplate:
                     text_ids.append(piece)
                 ids.append(piece)
                 mask.append(np.full(len(piece), float(weighed), "float32"))
-        if texts:
+        if texts and warn:
             tokenizer.warn_unknown("".join(texts), np.concatenate(text_ids), stacklevel=4)
         return (np.concatenate(ids).astype("int32") if ids else np.zeros((0,), "int32"),
                 np.concatenate(mask) if mask else np.zeros((0,), "float32"))

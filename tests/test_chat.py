@@ -174,16 +174,19 @@ def test_the_template_survives_keras_files_presets_and_export(tmp_path, chat_mod
 
 
 def test_chat_is_generate_on_the_rendered_prompt(tiny_model, chat_model):
+    """The server's promise: with a seed, `model.chat` is `generate` on the rendered ids with the template's
+    stops (its own template; the plain default on a model without one, with a stop string of the caller's)."""
     conversation = [SYSTEM, ASK]
-    for model in (chat_model, tiny_model):
+    for model, stop in ((chat_model, None), (tiny_model, "e")):
         ids = kn.chat.render(model, conversation)
-        for stop in (None, "e"):
-            options = dict(max_new_tokens=12, temperature=1.0, seed=3)
-            reply = model.chat(conversation, stop=stop, **options)
-            extra = [] if stop is None else [stop]
-            new = np.asarray(model.generate(ids[None], stop=kn.chat.stop_sequences(model) + extra, **options))
-            assert reply == model.tokenizer.decode(new[0, len(ids):])
-            assert "".join(model.chat(conversation, stream=True, stop=stop, **options)) == reply
+        options = dict(max_new_tokens=12, temperature=1.0, seed=3)
+        reply = model.chat(conversation, stop=stop, **options)
+        extra = [] if stop is None else [stop]
+        new = np.asarray(model.generate(ids[None], stop=kn.chat.stop_sequences(model) + extra, **options))
+        assert reply == model.tokenizer.decode(new[0, len(ids):])
+        if stop is not None:
+            assert stop not in reply
+    assert "".join(chat_model.chat(conversation, stream=True, **options)) == chat_model.chat(conversation, **options)
 
 
 def test_cli_sft_then_chat_under_a_pipe_and_the_example(tmp_path, tiny_model, capsys):
