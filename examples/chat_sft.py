@@ -63,7 +63,7 @@ def main():
         model = kn.load_model(args.base, compile=False)
     else:
         vectorizer = kn.data.make_vectorizer(text, level="char")
-        train, _ = kn.data.make_datasets(text, vectorizer, sequence_length=size["sequence_length"], batch_size=32,
+        train, _ = kn.data.make_datasets(text[:100_000] if args.tiny else text, vectorizer, sequence_length=size["sequence_length"], batch_size=32,
                                          validation_split=0.05, sampling="random", seed=args.seed)
         model = kn.NanoGPT(vectorizer.vocabulary_size(), vectorizer=vectorizer, **size)
         model.compile(optimizer=keras.optimizers.AdamW(2e-3 if not args.tiny else 1e-3), **compile_options)

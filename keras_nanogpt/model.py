@@ -311,8 +311,9 @@ class NanoGPT(keras.Model):
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
                 "vectorizer": None if self.tokenizer is None else self.tokenizer.get_config(),
-                "chat_template": None if self.chat_template is None else self.chat_template.get_config(),
-                **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
+                **adapters.config_state(self),  # the dtype policies of quantized layers, LoRA
+                # only when there is one: the configs (and backups) of models without one stay as they were
+                **({} if self.chat_template is None else {"chat_template": self.chat_template.get_config()})}
 
     @classmethod
     def from_config(cls, config):
