@@ -549,6 +549,7 @@ def interactive(model, system=None, input=None, output=None, **options):
         input, output: text streams (default: stdin and stdout).
         **options: `chat`'s options (max_new_tokens, temperature, top_k, top_p, seed).
     """
+    template_of(model)._tokenizer(model.tokenizer)  # a model that cannot read text fails before the first line
     input, output = input or sys.stdin, output or sys.stdout
     terminal = input.isatty() if hasattr(input, "isatty") else False
     head = [{"role": "system", "content": system}] if system else []

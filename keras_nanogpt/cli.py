@@ -343,8 +343,12 @@ def chat(args):
         kn.generation.check_arguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         model = kn.load_model(args.model, compile=False)
-        kn.chat.interactive(model, system=args.system, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        try:
+            kn.chat.interactive(model, system=args.system, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        except KeyboardInterrupt:  # Ctrl-C ends the chat as Ctrl-D does, with the shell's status for SIGINT
+            print()
+            return 130
     return 0
 
 
