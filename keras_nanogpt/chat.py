@@ -43,7 +43,7 @@ class ChatTemplate:
     Example:
         >>> tokenizer = kn.tokenizers.Tokenizer.for_corpus("byte").with_special_tokens(NANOCHAT.special_tokens)
         >>> NANOCHAT.render(tokenizer, [{"role": "user", "content": "hi"}]).tolist()
-        [258, 104, 105, 259, 260]
+        [257, 104, 105, 258, 259]
     """
 
     name: str
