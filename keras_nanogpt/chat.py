@@ -356,12 +356,17 @@ def add_chat_template(model, template=None, seed=0):
     config.update(vocabulary_size=size, vectorizer=tokenizer.get_config(), chat_template=template.get_config())
     grown = type(model).from_config(config)
     rng = np.random.default_rng(seed)
+    # The token table (vocabulary, hidden) and an untied head (hidden, vocabulary): the new ids' rows are set
+    # even where a padded vocabulary (GPT-2's 50304) had rows for them already.
+    tables = {grown.embedding.token_embedding.embeddings.path: 0}
+    if grown.head is not None:
+        tables[grown.head.kernel.path] = 1
     for source, target in zip(model.weights, grown.weights):
         if source.path != target.path:
             raise ValueError(f"add_chat_template: the grown model's weights differ ({source.path} / {target.path}).")
         value = np.asarray(keras.ops.convert_to_numpy(source))
-        if value.shape != tuple(target.shape):  # the token table (vocabulary, hidden) or the head (hidden, vocabulary)
-            axis = 0 if value.shape[0] == model.vocabulary_size else 1
+        axis = tables.get(target.path)
+        if axis is not None:
             rows = np.moveaxis(value, axis, 0).astype("float64")
             grown_rows = np.concatenate([rows, np.zeros((size - len(rows),) + rows.shape[1:])])
             known = rows[:old.size]

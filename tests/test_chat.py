@@ -144,6 +144,10 @@ def test_growing_keeps_old_logits_and_new_rows_train_under_lora(tiny_model, chat
     with pytest.raises(ValueError, match="already carries"):
         kn.chat.add_chat_template(chat_model)
 
+    padded = kn.chat.add_chat_template(kn.NanoGPT(old_size + 10, 16, 1, 2, 16, vectorizer=tiny_model.tokenizer))
+    table = to_numpy(padded.embedding.token_embedding.embeddings)  # the spare rows the new tokens take are set
+    assert padded.vocabulary_size == old_size + 10
+    assert np.abs(table[old_size:old_size + 4] - table[:old_size].mean(0)).max() < 0.01
     untied = kn.chat.add_chat_template(kn.NanoGPT(old_size, 16, 1, 2, 16, tie_embeddings=False,
                                                   vectorizer=tiny_model.tokenizer))
     assert tuple(untied.head.kernel.shape) == (16, old_size + 4)
