@@ -43,6 +43,8 @@ def encode(vocabulary, text):
 
 def decode_text(vocabulary, ids):
     tokens = list(vocabulary["tokens"])
+    for name, i in sorted(vocabulary.get("special_tokens", {}).items(), key=lambda item: item[1]):
+        tokens += [""] * (i - len(tokens)) + [name] if i >= len(tokens) else []  # ids after the tokens
     if vocabulary["unknown_id"] is not None:
         tokens[vocabulary["unknown_id"]] = "\ufffd"
     return "".join(tokens[i] for i in ids if i != vocabulary["padding_id"])

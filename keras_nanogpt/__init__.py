@@ -1,8 +1,8 @@
 """keras_nanogpt: nanoGPT as a Keras 3 package, on TensorFlow, JAX and PyTorch."""
 
 from keras_nanogpt._version import __version__
-from keras_nanogpt import (adapters, backends, backup, callbacks, chat, convert, data, distribute, export, generation,
-                           saving, scoring, tokenizers, training)
+from keras_nanogpt import (adapters, backends, backup, callbacks, chat, convert, data, distribute, export,
+                           generation, saving, scoring, tokenizers, training)
 from keras_nanogpt.layers import CausalSelfAttention, TokenAndPositionEmbedding, TransformerBlock
 from keras_nanogpt.model import CONFIGS, NanoGPT, load_model
 from keras_nanogpt.scoring import score

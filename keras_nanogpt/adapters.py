@@ -10,7 +10,9 @@ LoRA. `enable_lora(model, rank, target)` calls Keras's `Dense.enable_lora` on th
     "mlp_output"        the MLP's output projection of every block
     "head"              the output head, for models with `tie_embeddings=False`
 
-and freezes every other weight (embeddings, norms, biases, the frozen kernels). Keras saves a LoRA
+and freezes every other weight (embeddings, norms, biases, the frozen kernels), except that a model with a
+chat template (`kn.chat.add_chat_template`) keeps its token table and untied head trainable, so the rows of its
+new turn tokens learn. Keras saves a LoRA
 layer's kernel with its adapters merged in and zeroes the adapters when it loads; the model's
 `_LoRAAdapters` (an untracked attribute, which Keras's saving visits after the layers) also saves
 the adapters themselves and, when loading, puts them back and takes their product out of the merged
@@ -107,6 +109,10 @@ def enable_lora(model, rank, target=DEFAULT_LORA_TARGETS, alpha=None):
         raise ValueError(f"LoRA trains float kernels; this model is quantized ({', '.join(quantized)}). "
                          "Enable LoRA on the float model, then merge_lora() and quantize.")
     _set_trainable(model, False)
+    if getattr(model, "chat_template", None) is not None:  # its turn tokens' new rows must learn too
+        model.embedding.token_embedding.trainable = True
+        if model.head is not None and "head" not in roles:
+            model.head.trainable = True
     for role, layer in role_layers(model):
         if role in roles:
             layer.trainable = True

@@ -1,4 +1,4 @@
-"""The `keras-nanogpt` console script: train, generate, evaluate, export, quantize, bench, serve.
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, quantize, bench, serve, sft, chat.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
     keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
@@ -10,13 +10,16 @@
     keras-nanogpt export --format onnx pride.keras pride_onnx/
     keras-nanogpt bench --backends tensorflow --precisions fp32
     keras-nanogpt serve pride.keras --port 8000
+    keras-nanogpt sft pride.keras --data chats.jsonl --out pride-chat.keras --epochs 3
+    keras-nanogpt chat pride-chat.keras --system "Answer briefly."
 
 Errors print one line `error: ...` on stderr and exit with code 2 (`--debug` shows the traceback), warnings
 one line `warning: ...`. SIGTERM or SIGINT during `train --checkpoint-dir` backs up the step it ends on and
 exits with 143 or 130 (128 + the signal number); the same command resumes there.
 
 `train` is `kn.training.train(kn.training.TrainingJob(...))`, its flags the job's fields; `evaluate` is
-`kn.scoring.evaluate_text`. This module parses and prints; the package does the work.
+`kn.scoring.evaluate_text`; `sft` is `kn.chat.sft`, `chat` is `kn.chat.interactive`. This module parses and
+prints; the package does the work.
 """
 
 import argparse
@@ -161,6 +164,29 @@ def build_parser():
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="a free decoder starts a batch once no request came for this long")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+    sft = commands.add_parser("sft", help="fine-tune a model on conversations (kn.chat.sft): adds the chat "
+                                          "template's turn tokens when it has none")
+    sft.add_argument("model", help="the base .keras model")
+    sft.add_argument("--data", required=True, help='a .jsonl file of {"messages": [...]} lines')
+    sft.add_argument("--out", required=True, help="the .keras file to write")
+    length = sft.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps in all")
+    length.add_argument("--epochs", type=int, help="passes over the conversations (default 1)")
+    sft.add_argument("--learning-rate", type=float, default=3e-4)
+    sft.add_argument("--batch-size", type=int, default=8)
+    sft.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters (and the token table) only")
+    sft.add_argument("--seed", type=int)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal (history, streaming, /clear, "
+                                            "Ctrl-D ends); under a pipe, one reply per input line")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="a system message for every conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--temperature", type=float, default=0.8)
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--seed", type=int)
     return parser
 
 
@@ -183,7 +209,7 @@ def main(argv=None):
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
         return {"train": train, "generate": generate, "evaluate": evaluate, "prepare": prepare, "export": export,
-                "quantize": quantize, "serve": serve}[args.command](args)
+                "quantize": quantize, "serve": serve, "sft": sft, "chat": chat}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -299,6 +325,32 @@ def serve(args):
                log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
                max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                max_body_bytes=args.max_body_bytes, batch_wait_ms=args.batch_wait_ms)
+
+
+def sft(args):
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise ValueError("`--out` must differ from the base model: the base model stays as it is.")
+    with _named_as_flags(("steps", "epochs", "learning_rate", "batch_size", "lora_rank", "out")):
+        _, report = kn.chat.sft(args.model, args.data, out=args.out, steps=args.steps, epochs=args.epochs,
+                                learning_rate=args.learning_rate, batch_size=args.batch_size,
+                                lora_rank=args.lora_rank, seed=args.seed, log=functools.partial(print, flush=True))
+    print(json.dumps({"out": args.out, "steps": report["steps"], "loss_before": round(report["loss_before"], 4),
+                      "loss_after": round(report["loss_after"], 4)}))
+    return 0
+
+
+def chat(args):
+    with _named_as_flags(("max_new_tokens", "temperature", "top_k", "top_p", "seed")):
+        kn.generation.check_arguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        model = kn.load_model(args.model, compile=False)
+        try:
+            kn.chat.interactive(model, system=args.system, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        except KeyboardInterrupt:  # Ctrl-C ends the chat as Ctrl-D does, with the shell's status for SIGINT
+            print()
+            return 130
+    return 0
 
 
 def bench(argv):

@@ -1,7 +1,8 @@
 """Text in, training windows out: loading a text (cleaned by `cleaning.py`) and tf.data pipelines of windows.
 
 Tokenizers are `tokenizers.py`'s; corpora larger than memory go through `prepare` and `token_dataset`
-(token shards on disk: `corpus.py`, `shards.py`), which this module re-exports as `kn.data`'s names.
+(token shards on disk: `corpus.py`, `shards.py`), which this module re-exports as `kn.data`'s names, as it
+does `chat_dataset` (conversations for supervised fine-tuning: `chat.py`).
 
 TensorFlow is used here (tf.data runs as the input pipeline under every backend).
 """
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_nanogpt import _validation, tokenizers
+from keras_nanogpt.chat import chat_dataset  # noqa: F401  (SFT windows: chat.py makes them)
 from keras_nanogpt.cleaning import clean_text  # noqa: F401  (kn.data.clean_text; load_text calls it)
 from keras_nanogpt.corpus import prepare  # noqa: F401  (token shards: corpus.py writes them, shards.py reads)
 from keras_nanogpt.shards import token_dataset  # noqa: F401

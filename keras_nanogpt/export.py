@@ -8,7 +8,8 @@ An ONNX or LiteRT export is a folder of two graphs and a vocabulary:
   `(1, 1, vocabulary)` and the updated cache. The cache is explicit: per block, keys
   `(heads, head_dim, context)` then values `(heads, context, head_dim)` (`NanoGPT.empty_cache`), inputs
   `key_0, value_0, key_1, ...` after `token_ids, cache_index`, outputs in the same order after `logits`.
-- `vocabulary.json`: the tokens in id order and how text splits into them, for
+- `vocabulary.json`: the tokens in id order and how text splits into them, the special tokens (name -> id,
+  ids after the tokens) and the chat template (`ChatTemplate.get_config()`, or null), for
   `examples/onnx_generate.py` and `examples/litert_generate.py` (numpy and the runtime only).
 
 Both graphs are `NanoGPT.call_with_cache`, exported by Keras's `model.export` on the TensorFlow backend
@@ -99,7 +100,8 @@ def check_backend(format):
 
 
 def vocabulary_json(model):
-    """What `vocabulary.json` holds: the tokens in id order, the padding and unknown ids, the context.
+    """What `vocabulary.json` holds: the tokens in id order, the padding and unknown ids, the context, the
+    special tokens and the chat template.
 
     Only character vocabularies are written (every character is one token, so a plain loop can
     encode and decode); other tokenizers are refused with a `ValueError`.
@@ -117,9 +119,11 @@ def vocabulary_json(model):
                          f"tokenizer is level={config['level']!r}. Use format='tf_saved_model' or 'preset'.")
     tokens = config["vocabulary"]
     reserved = tokens[:2] == ["", "[UNK]"]
+    template = getattr(model, "chat_template", None)
     return {"level": "char", "tokens": tokens, "padding_id": 0 if reserved else None,
             "unknown_id": 1 if reserved else None, "context": model.sequence_length,
-            "num_layers": model.num_layers}
+            "num_layers": model.num_layers, "special_tokens": model.tokenizer.special_tokens,
+            "chat_template": None if template is None else template.get_config()}
 
 
 class _CacheStep(keras.Model):

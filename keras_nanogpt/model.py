@@ -7,7 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _validation, adapters, backends, generation, saving, scoring, tokenizers
+from keras_nanogpt import _validation, adapters, backends, chat, generation, saving, scoring, tokenizers
 from keras_nanogpt.callbacks import with_loss_guard
 from keras_nanogpt.configs import ARGUMENTS, CONFIGS, MODERN, check_arguments  # noqa: F401 (kn.model's names)
 from keras_nanogpt.layers import TokenAndPositionEmbedding, TransformerBlock, as_rows, make_norm
@@ -44,6 +44,8 @@ class NanoGPT(keras.Model):
         logit_softcap: squash the logits into (-cap, cap) as `cap * tanh(logits / cap)`, or None.
         vectorizer: optional tokenizer (`kn.data.make_vectorizer`'s layer or a `Tokenizer`); saved in the
             `.keras` file and lets `generate` take and return text.
+        chat_template: the model's `kn.chat.ChatTemplate` (or its name or config), or None (chat uses the
+            plain default); its special tokens must be in the tokenizer. `kn.chat.add_chat_template` sets it.
 
     Example:
         >>> model = NanoGPT(vocabulary_size=65, sequence_length=64, num_layers=2, num_heads=2,
@@ -55,14 +57,16 @@ class NanoGPT(keras.Model):
     def __init__(self, vocabulary_size, sequence_length, num_layers, num_heads, hidden_dim,
                  dropout=0.0, use_bias=False, tie_embeddings=True, activation="gelu",
                  layer_norm_epsilon=1e-5, vectorizer=None, position_embedding="learned", qk_norm=False,
-                 norm="layer", zero_init_residual=False, logit_softcap=None, **kwargs):
+                 norm="layer", zero_init_residual=False, logit_softcap=None, chat_template=None, **kwargs):
         arguments = check_arguments(locals())  # the ARGUMENTS, each checked, before any work
         size = arguments["vocabulary_size"]
         tokenizer = None if vectorizer is None else tokenizers.Tokenizer(vectorizer).check_size(size)
+        template = chat.as_template(chat_template, tokenizer)
         super().__init__(**kwargs)
         for name, value in arguments.items():
             setattr(self, name, value)
         self._tokenizer_holder = tokenizers.Untracked(tokenizer)
+        self._chat_template_holder = tokenizers.Untracked(template)
 
         initializer = keras.initializers.RandomNormal(stddev=0.02)
         residual_initializer = ("zeros" if self.zero_init_residual else
@@ -118,6 +122,8 @@ class NanoGPT(keras.Model):
                          doc="The model's `kn.tokenizers.Tokenizer` (special tokens included), or None.")
     vectorizer = property(lambda self: None if self.tokenizer is None else self.tokenizer.layer,
                           doc="The tokenizer's Keras layer (`TextVectorization` or keras-hub), or None.")
+    chat_template = property(lambda self: self._chat_template_holder.value,
+                             doc="The model's own `kn.chat.ChatTemplate`, or None (chat uses the plain default).")
 
     def call(self, token_ids, training=None):
         x = self.embedding_dropout(self.embedding(token_ids), training=training)  # (batch, time, hidden)
@@ -222,6 +228,18 @@ class NanoGPT(keras.Model):
         return generation.stream(self, prompt, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed, **kwargs)
 
+    def chat(self, messages, max_new_tokens=200, temperature=1.0, top_k=None, top_p=None, seed=None, stop=None,
+             stream=False):
+        """The assistant's reply to OpenAI-style `messages` (`kn.chat.chat`): the text up to the turn's end
+        token or a stop string, the same tokens `generate` makes from `kn.chat.render(model, messages)`
+        with `stop=kn.chat.stop_sequences(model) + stop`; `stream=True` yields its pieces.
+
+        Example:
+            >>> model.chat([{"role": "user", "content": "Who is Mr. Darcy?"}], seed=0)  # doctest: +SKIP
+        """
+        return chat.chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, stop=stop, stream=stream)
+
     def enable_lora(self, rank, target=adapters.DEFAULT_LORA_TARGETS, alpha=None):
         """Fine-tune low-rank adapters (Keras's `Dense.enable_lora`) on the projections `target` names
         by role, every other weight frozen (`keras_nanogpt.adapters.enable_lora`); `save` keeps them.
@@ -293,7 +311,9 @@ class NanoGPT(keras.Model):
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **{name: getattr(self, name) for name in ARGUMENTS},
                 "vectorizer": None if self.tokenizer is None else self.tokenizer.get_config(),
-                **adapters.config_state(self)}  # the dtype policies of quantized layers, LoRA
+                **adapters.config_state(self),  # the dtype policies of quantized layers, LoRA
+                # only when there is one: the configs (and backups) of models without one stay as they were
+                **({} if self.chat_template is None else {"chat_template": self.chat_template.get_config()})}
 
     @classmethod
     def from_config(cls, config):
