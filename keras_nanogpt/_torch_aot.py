@@ -159,10 +159,12 @@ def build(key, graph_module, example):
     package, sidecar = paths(key)[:2]
     os.makedirs(directory(), exist_ok=True)
     start = time.perf_counter()
-    exported = torch.export.export(graph_module, tuple(example), strict=False)
     tmp = os.path.join(directory(), f".{key}.{os.getpid()}.tmp.pt2")
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
+            exported = torch.export.export(graph_module, tuple(example), strict=False)
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
         os.replace(tmp, package)
     finally:
         with contextlib.suppress(OSError):

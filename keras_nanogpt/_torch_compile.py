@@ -204,7 +204,7 @@ class Decoder:
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             layout = _Layout(len(weights), 2 * len(state.cache))
-            if device.type == "cpu" and mode == "auto" and _torch_aot.enabled():
+            if device.type == "cpu" and (mode == "auto" or _torch_aot.builds_in_process()) and _torch_aot.enabled():
                 self._find_package(step, _flatten(weights, state._replace(
                     index=torch.tensor(index, dtype=torch.int32)), rows, token, write), layout)
             if device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
