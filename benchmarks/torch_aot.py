@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each method, alternating")
     parser.add_argument("--fresh", type=int, default=2, help="fresh processes per first-call figure (best of)")
+    parser.add_argument("--parts", default="first_without,compile,first,steady",
+                        help="which of the parts below to run (first: the fresh-process first calls)")
     parser.add_argument("--aot-dir", default=None, help="the package folder (default: a new temporary one)")
     _common.add_nanogpt_arguments(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -55,13 +57,18 @@ def main():
     results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
                "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "sampling": "greedy",
                **_common.machine()}
+    parts = args.parts.split(",")
     try:
-        results["first_call_without_package"] = worker("first_without")
-        results["compile"] = worker("compile")
-        results["first_call_fresh_process_s"] = {
-            name: min(worker(name)["seconds"] for _ in range(args.fresh))
-            for name in ("first_with", "first_nanogpt" if args.nanogpt else None) if name}
-        results["steady"] = worker("steady")
+        if "first_without" in parts:
+            results["first_call_without_package"] = worker("first_without")
+        if "compile" in parts:
+            results["compile"] = worker("compile")
+        if "first" in parts:
+            results["first_call_fresh_process_s"] = {
+                name: min(worker(name)["seconds"] for _ in range(args.fresh))
+                for name in ("first_with", "first_nanogpt" if args.nanogpt else None) if name}
+        if "steady" in parts:
+            results["steady"] = worker("steady")
         results["packages"] = sorted(n for n in os.listdir(folder) if n.endswith(".pt2"))
     finally:
         if not args.aot_dir:

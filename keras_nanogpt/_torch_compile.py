@@ -281,11 +281,9 @@ class Decoder:
                 step.graph = _traced_step(self.model, self.parts.step, layout, example)
                 _trace_seconds.append(time.perf_counter() - start)
                 self.on_compile()
-                if step.package_key and not step.requested:  # a call that traces also pays for a package
-                    step.requested = True
-                    if _torch_aot.can_build(step.package_key):
-                        _torch_aot.spawn(step.package_key, lambda path: self._write_spec(path, example, layout))
+                self._request_package(step, example, layout)
                 return
+            self._request_package(step, example, layout)
             try:
                 step.function = _compiled_step(self.model, self.parts.step, layout, example, step.graph)
             except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was
@@ -315,6 +313,14 @@ class Decoder:
                 and _torch_aot.can_build(step.package_key)):
             build_package(step.package_key, self.model, self.parts.step, example, layout)
             step.package = _torch_aot.load(step.package_key)
+
+    def _request_package(self, step, example, layout):
+        """A call that pays for tracing or compiling the step also pays for its package: start a builder
+        in the background (once per step and process; `_torch_aot.spawn`)."""
+        if step.package_key and not step.requested:
+            step.requested = True
+            if _torch_aot.can_build(step.package_key):
+                _torch_aot.spawn(step.package_key, lambda path: self._write_spec(path, example, layout))
 
     def _write_spec(self, path, example, layout):
         """What a background builder (`_torch_aot_build`) needs to trace this step again: the model's and
