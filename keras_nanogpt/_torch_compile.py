@@ -11,7 +11,10 @@ probabilities) is instead:
    torch); the KV cache is updated in its own buffers, one position a token;
 2. or compiled by TorchInductor (`_torch_tracing.inductor`) from the same graph, with CUDA graphs
    on a GPU: faster again, but 15-30 s on a cold cache (about 1 s where TorchInductor's on-disk
-   caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step).
+   caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step);
+3. or, on CPU in the default mode, run from the step's AOTInductor package where one is on disk
+   (`_torch_aot`: loaded in milliseconds, no tracing or compiling in this process). The first call
+   that traces or compiles a step starts a background builder for its package (`_request_package`).
 
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
