@@ -226,3 +226,24 @@ def test_without_a_compiler_one_warning_and_no_builder(tmp_path, monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         assert not _torch_aot.can_build("otherkey")  # said once
     assert not _torch_aot.compiler_available()
+
+
+def test_a_call_that_compiles_in_the_process_starts_the_builder_too(built, monkeypatch):
+    """Where the ski rental goes from the eager step straight to TorchInductor (no trace), the package's
+    builder starts all the same (TorchInductor stood in by the traced graph here: no compiler run)."""
+    from keras_nanogpt import _torch_aot, _torch_compile
+
+    monkeypatch.setattr(_torch_compile, "expected_compile_seconds", lambda key: 0.0)
+    monkeypatch.setattr(_torch_compile, "_compiled_step", lambda model, step, layout, example, graph=None:
+                        _torch_compile._traced_step(model, step, layout, example))
+    before = _torch_aot.counters["spawned"]
+    model = make_model(3)
+    try:
+        os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = "auto"
+        batch = np.array([[3, 1, 4], [1, 5, 9]], "int32")  # a new shape: no package for it
+        assert (model.generate(batch, max_new_tokens=12, temperature=0) == model.generate(
+            batch, max_new_tokens=12, temperature=0)).all()
+        assert levels(model) == {"compiled"} and _torch_aot.counters["spawned"] == before + 1
+    finally:
+        del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+        _torch_aot.stop_builders()
