@@ -11,7 +11,10 @@ probabilities) is instead:
    torch); the KV cache is updated in its own buffers, one position a token;
 2. or compiled by TorchInductor (`_torch_tracing.inductor`) from the same graph, with CUDA graphs
    on a GPU: faster again, but 15-30 s on a cold cache (about 1 s where TorchInductor's on-disk
-   caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step).
+   caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step);
+3. or, on CPU in the default mode, run from the step's AOTInductor package where one is on disk
+   (`_torch_aot`: loaded in milliseconds, no tracing or compiling in this process). The first call
+   that traces or compiles a step starts a background builder for its package (`_request_package`).
 
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
@@ -43,7 +46,7 @@ import torch
 from keras import ops
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from keras_nanogpt import _files, _torch_keras_internals, _torch_tracing, _version, decoding
+from keras_nanogpt import _files, _torch_aot, _torch_keras_internals, _torch_tracing, _version, decoding
 
 ENVIRONMENT_VARIABLE = "KERAS_NANOGPT_TORCH_COMPILE"
 MODES = ("auto", "always", "trace", "never")
@@ -111,26 +114,31 @@ def expected_trace_seconds():
 
 
 class _Step:
-    """One sampler kind and signature's step: its traced graph and TorchInductor function (None until
-    made), and the time spent running it eagerly and as a graph."""
+    """One sampler kind and signature's step: its traced graph, TorchInductor function and AOTInductor
+    package (None until made or loaded), and the time spent running it eagerly and as a graph."""
 
     def __init__(self, key):
         self.key = key  # a digest of the model's config, the sampler kind, the shapes and versions
         self.graph = None
         self.function = None
+        self.package = None  # the loaded AOTInductor package's run function (`_torch_aot.load`)
+        self.package_key = None  # set where packages are used: CPU tensors, the "auto" mode, not opted out
+        self.requested = False  # a builder was asked for the package (once per process)
         self.failed = False  # TorchInductor failed here once: never again
         self.seconds = {"eager": 0.0, "graph": 0.0}  # after each level's first step (one-off costs)
         self.steps = {"eager": 0, "graph": 0}
         self.lock = threading.Lock()
 
     def level(self):
+        if self.package:
+            return "package"
         return "compiled" if self.function else "graph" if self.graph else "eager"
 
     def next_level(self, mode, remaining):
         """The level to move to now under `mode` ("graph" or "compiled"), with `remaining` tokens to
         go, or None to stay."""
         level = self.level()
-        if level == "compiled" or mode == "never":
+        if level in ("package", "compiled") or mode == "never":
             return None
         if mode == "always":
             return None if self.failed else "compiled"
@@ -165,6 +173,7 @@ class Decoder:
 
     def __init__(self, model, sampler, parts, steps, on_compile):
         self.model = model
+        self.sampler = sampler
         self.parts = parts
         self.steps = steps
         self.on_compile = on_compile
@@ -198,6 +207,9 @@ class Decoder:
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             layout = _Layout(len(weights), 2 * len(state.cache))
+            if device.type == "cpu" and (mode == "auto" or _torch_aot.builds_in_process()) and _torch_aot.enabled():
+                self._find_package(step, _flatten(weights, state._replace(
+                    index=torch.tensor(index, dtype=torch.int32)), rows, token, write), layout)
             if device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
                 for tensor in weights + _flat_cache(state.cache):
                     torch._dynamo.mark_static_address(tensor, guard=False)
@@ -211,7 +223,7 @@ class Decoder:
                     start = time.perf_counter()
                     state, running, probabilities = self.parts.step(state, rows, token, write)
                 else:
-                    function = step.function or step.graph
+                    function = step.package or step.function or step.graph
                     start = time.perf_counter()
                     tokens, tail, done, running, probabilities = function(
                         *_flatten(weights, state, rows, token, write))
@@ -220,7 +232,7 @@ class Decoder:
                     break
                 token, seeds = self._draw(level, probabilities, state.seeds, rows)
                 state = state._replace(seeds=seeds)
-                if level != "compiled":
+                if level in step.steps:
                     if step.steps[level]:
                         step.seconds[level] += time.perf_counter() - start
                     step.steps[level] += 1
@@ -272,7 +284,9 @@ class Decoder:
                 step.graph = _traced_step(self.model, self.parts.step, layout, example)
                 _trace_seconds.append(time.perf_counter() - start)
                 self.on_compile()
+                self._request_package(step, example, layout)
                 return
+            self._request_package(step, example, layout)
             try:
                 step.function = _compiled_step(self.model, self.parts.step, layout, example, step.graph)
             except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was
@@ -289,6 +303,47 @@ class Decoder:
                 _cold_compile_seconds.append(seconds)
             compile_log.append({"seconds": round(seconds, 2), "cold": cold})
             _record(step.key, seconds)
+
+
+    def _find_package(self, step, example, layout):
+        """Use the step's AOTInductor package where one is on disk (loaded once; a builder may have made
+        it since the last call); inside `_torch_aot.building_now()` build a missing one first."""
+        if step.package_key is None:
+            step.package_key = _torch_aot.package_key(step.key)
+        if step.package is None:
+            step.package = _torch_aot.load(step.package_key)
+        if (step.package is None and _torch_aot.builds_in_process()
+                and _torch_aot.can_build(step.package_key)):
+            build_package(step.package_key, self.model, self.parts.step, example, layout)
+            step.package = _torch_aot.load(step.package_key)
+
+    def _request_package(self, step, example, layout):
+        """A call that pays for tracing or compiling the step also pays for its package: start a builder
+        in the background (once per step and process; `_torch_aot.spawn`)."""
+        if step.package_key and not step.requested:
+            step.requested = True
+            if _torch_aot.can_build(step.package_key):
+                _torch_aot.spawn(step.package_key, lambda path: self._write_spec(path, example, layout))
+
+    def _write_spec(self, path, example, layout):
+        """What a background builder (`_torch_aot_build`) needs to trace this step again: the model's and
+        the sampler's configs, the weights' shapes and the step's other inputs (as this call had them)."""
+        import keras_hub
+
+        weights = example[:layout.num_weights]
+        spec = {"model": keras.saving.serialize_keras_object(self.model),
+                "sampler": keras_hub.samplers.serialize(self.sampler),
+                "weights": [(tuple(t.shape), str(t.dtype)) for t in weights],
+                "inputs": [t.detach().clone() for t in example[layout.num_weights:]], "layout": tuple(layout)}
+        with _files.atomic_path(path) as tmp:
+            torch.save(spec, tmp)
+
+
+def build_package(key, model, step, example, layout):
+    """Trace `step` (a `decoding.TokenStep.step` of `model`) for the flat inputs `example` (laid out as
+    `layout` says) and compile it into the AOTInductor package `key` (`_torch_aot.build`)."""
+    graph = _traced_step(model, step, layout, example)
+    return _torch_aot.build(key, graph, _copies(example, layout.num_weights))
 
 
 def _pairs(cache):

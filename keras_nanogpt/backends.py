@@ -7,6 +7,7 @@ strategies and multi-host helpers in `distribute.py`.
 - Generation and scoring: `compile_function` (`jax.jit` / `tf.function(jit_compile=True)` of a
   function that takes the weights as arguments; PyTorch runs it without autograd) and
   `compile_decode` (PyTorch: a loop over one token's step, traced or compiled by TorchInductor).
+- Ahead of time: `building_packages` (PyTorch: the decode step's AOTInductor packages, built now).
 - Training: `training_jit_compile` and `after_compile` (`NanoGPT.compile`'s defaults: XLA on
   TensorFlow's CPU too, traced ATen steps on PyTorch), `adamw_class`, `retrack_variables`, and
   `keep_heap_padding` (JAX: the host allocator's setting that `import keras_nanogpt` makes).
@@ -103,6 +104,30 @@ def compile_decode(model, sampler, steps, on_trace):
 
         return _torch_compile.Decoder(model, sampler, decoding.token_step(model, sampler), steps, on_trace)
     return compile_function(model, decoding.decode_loop(model, sampler), on_trace)
+
+
+def building_packages():
+    """A context in which generation builds each missing compiled package of its decode step at once, in
+    this process (PyTorch's AOTInductor packages, `_torch_aot`); `keras-nanogpt compile` runs in one.
+
+    Returns:
+        `(context, counts)`: the context manager, and a function giving this process's package counts
+        (`{"loaded": ..., "built": ..., "spawned": ..., "rejected": ...}`) and their folder.
+
+    Example:
+        >>> context, counts = building_packages()  # doctest: +SKIP
+    """
+    if name() != "torch":
+        raise ValueError(f"Decoding is compiled ahead of time into packages on the PyTorch backend only; this "
+                         f"process runs {name()} (set KERAS_BACKEND=torch).")
+    from keras_nanogpt import _torch_aot
+
+    if not _torch_aot.enabled():
+        raise ValueError(f"{_torch_aot.ENVIRONMENT_VARIABLE}={os.environ[_torch_aot.ENVIRONMENT_VARIABLE]!r} "
+                         f"turns the packages off: unset it to build them.")
+    if not _torch_aot.compiler_available():
+        raise ValueError("Building packages needs a C++ compiler (g++, c++, clang++ or $CXX) on the PATH.")
+    return _torch_aot.building_now(), lambda: {**_torch_aot.counters, "directory": _torch_aot.directory()}
 
 
 def training_jit_compile(model, jit_compile, run_eagerly=False):

@@ -1,4 +1,5 @@
-"""The `keras-nanogpt` console script: train, generate, evaluate, export, quantize, bench, serve, sft, chat.
+"""The `keras-nanogpt` console script: train, generate, evaluate, export, quantize, compile, bench, serve, sft,
+chat.
 
     keras-nanogpt train --text pride_and_prejudice --steps 2000 --out pride.keras --checkpoint-dir ckpt
     keras-nanogpt train --init gpt2/ --lora-rank 8 --text letters.txt --steps 200 --out letters.keras
@@ -8,6 +9,7 @@
     keras-nanogpt train --data shards --config gpt2 --steps 600000 --out gpt2.keras --checkpoint-dir ckpt
     keras-nanogpt export pride.keras serving/
     keras-nanogpt export --format onnx pride.keras pride_onnx/
+    KERAS_BACKEND=torch keras-nanogpt compile pride.keras --batch-sizes 1,8
     keras-nanogpt bench --backends tensorflow --precisions fp32
     keras-nanogpt serve pride.keras --port 8000
     keras-nanogpt sft pride.keras --data chats.jsonl --out pride-chat.keras --epochs 3
@@ -146,6 +148,14 @@ def build_parser():
     quantize.add_argument("--mode", default="int8", choices=kn.adapters.QUANTIZATION_MODES,
                           help="int8 (the default), int4 or float8")
 
+    compile_ = commands.add_parser("compile", help="PyTorch: build the decode step's AOTInductor packages now "
+                                                   "(kn.generation.compile_packages)")
+    compile_.add_argument("model")
+    compile_.add_argument("--batch-sizes", default="1", help="comma-separated prompt rows per call (default: 1)")
+    compile_.add_argument("--windows", help="comma-separated KV-cache lengths, powers of two from 16 "
+                                            "(default: the model's context)")
+    compile_.add_argument("--sampling", default="greedy,random", help="greedy and/or random (default: both)")
+
     commands.add_parser("bench", help="training speed JSON (benchmarks/train_speed.py: needs a source checkout)",
                         add_help=False)
 
@@ -209,7 +219,8 @@ def main(argv=None):
             return bench(argv[1:])
         args = build_parser().parse_args(argv)
         return {"train": train, "generate": generate, "evaluate": evaluate, "prepare": prepare, "export": export,
-                "quantize": quantize, "serve": serve, "sft": sft, "chat": chat}[args.command](args)
+                "quantize": quantize, "compile": compile_packages, "serve": serve, "sft": sft,
+                "chat": chat}[args.command](args)
     except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -314,6 +325,22 @@ def quantize(args):
     model.save(args.out)
     before, after = (os.path.getsize(path) / 1e6 for path in (args.model, args.out))
     print(f"quantized {args.model} ({before:.2f} MB) to {args.mode}: {args.out} ({after:.2f} MB)")
+    return 0
+
+
+def compile_packages(args):
+    kn.backends.building_packages()  # refuses other backends and the opt-out before loading the model
+    numbers = {}
+    for flag in ("batch_sizes", "windows"):
+        text = getattr(args, flag)
+        try:
+            numbers[flag] = None if text is None else [int(n) for n in text.split(",")]
+        except ValueError:
+            raise ValueError(f"`--{flag.replace('_', '-')}` must be comma-separated integers; got {text!r}.") from None
+    model = kn.load_model(args.model, compile=False)
+    report = kn.generation.compile_packages(model, numbers["batch_sizes"], numbers["windows"],
+                                            args.sampling.split(","))
+    print(json.dumps(report))
     return 0
 
 

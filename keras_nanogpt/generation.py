@@ -33,7 +33,7 @@ import numbers
 import numpy as np
 from keras import ops
 
-from keras_nanogpt import _validation, compiling, decoding, tokenizers
+from keras_nanogpt import _validation, backends, compiling, decoding, tokenizers
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "beam", "contrastive")
 _MIN_BUCKET = 16
@@ -102,6 +102,50 @@ def stream(model, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p
     """
     job = _Job(model, prompt, _Settings(max_new_tokens, temperature, top_k, top_p, sampler, seed, stop))
     return Stream(job)
+
+
+def compile_packages(model, batch_sizes=(1,), windows=None, sampling=("greedy", "random")):
+    """Build the compiled packages of the decode loop ahead of time, for the calls that will use them
+    (PyTorch: AOTInductor packages under `$KERAS_HOME/keras_nanogpt/aot`; `keras-nanogpt compile`).
+
+    One package per batch size, window and sampling kind: a later process's `generate`, `stream` or
+    server then loads it in milliseconds instead of tracing or compiling. Packages already there are
+    loaded and checked, not built again.
+
+    Args:
+        model: a `NanoGPT`.
+        batch_sizes: prompt rows per call.
+        windows: KV-cache lengths (powers of two from 16, at most the context; a call uses the smallest
+            that holds its prompt and new tokens); default: the model's context (long calls).
+        sampling: "greedy" (temperature 0) and/or "random" (any temperature, top_k and top_p).
+
+    Returns:
+        `{"packages": n, "built": ..., "loaded": ..., "directory": ...}`.
+
+    Example:
+        >>> compile_packages(model, batch_sizes=(1, 8))  # doctest: +SKIP
+    """
+    context_manager, counts = backends.building_packages()
+    context = model.sequence_length
+    windows = [context] if windows is None else list(windows)
+    for window in windows:
+        if window != min(context, _bucket(window)):
+            raise ValueError(f"`windows` holds {window}: each must be a power of two from {_MIN_BUCKET} to "
+                             f"the context ({context}), or the context itself.")
+    for kind in sampling:
+        _validation.check_choice("sampling", kind, ("greedy", "random"))
+    batch_sizes = [_validation.check_int("batch_sizes", b, minimum=1) for b in batch_sizes]
+    before = counts()
+    with context_manager:
+        for batch in batch_sizes:
+            for window in windows:
+                # A prompt of window - 1 tokens and one new token: the window is `window` slots long.
+                prompt = np.ones((batch, window - 1), "int32")
+                for kind in sampling:
+                    generate(model, prompt, max_new_tokens=1, temperature=0 if kind == "greedy" else 1.0, seed=0)
+    after = counts()
+    return {"packages": len(batch_sizes) * len(windows) * len(sampling), "built": after["built"] - before["built"],
+            "loaded": after["loaded"] - before["loaded"], "directory": after["directory"]}
 
 
 class Stream:

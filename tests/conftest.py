@@ -29,6 +29,9 @@ for _source in (os.path.join(_SEEDED or "", "datasets"),
 os.environ["KERAS_HOME"] = _HOME
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+# No AOTInductor builders in the background while tests generate (tests/test_torch_aot.py turns them on
+# for itself and waits for or ends the ones it starts).
+os.environ.setdefault("KERAS_NANOGPT_AOT", "0")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import httpx  # noqa: E402

@@ -265,3 +265,13 @@ def test_prepare_then_train_and_evaluate_from_token_shards(workdir, tmp_path):
                           "--workers", "1"))[0] == 0
     code, out, err = _finish(_start("evaluate", model, "--data", other, "--batches", "1"))
     assert code == 2 and "another tokenizer" in err and str(other) in err, err
+
+
+def test_compile_refuses_other_backends_and_the_opt_out_before_loading(tmp_path, capsys, monkeypatch):
+    """`compile` builds PyTorch's AOTInductor packages (tests/test_torch_aot.py builds one): elsewhere, and
+    with KERAS_NANOGPT_AOT=0, one `error:` line and status 2, before the model is read."""
+    monkeypatch.setenv("KERAS_NANOGPT_AOT", "0")
+    assert cli.main(["compile", str(tmp_path / "no_such_model.keras")]) == 2
+    err = capsys.readouterr().err
+    expected = "KERAS_NANOGPT_AOT='0' turns the packages off" if BACKEND == "torch" else "PyTorch backend only"
+    assert err.startswith("error:") and expected in err and len(err.strip().splitlines()) == 1

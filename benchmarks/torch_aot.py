@@ -1,0 +1,212 @@
+"""PyTorch generation with the decode step's AOTInductor package (issue 37) against the traced graph, the eager
+step and nanoGPT's `generate`, printing JSON.
+
+Model: generate_speed.py's (4 layers, 4 heads, 128 wide, context 256, random weights), a 16-token prompt and 200
+new greedy tokens. All in a fresh package folder (a temporary one unless `--aot-dir`), each part a process of its own:
+
+1. `first_call_without_package`: a fresh process's first call with no package on disk (the default choice:
+   the traced graph serves it and a background builder starts), then a second call while the builder runs,
+   then how long the builder took to leave the package (`background_build_s`, from that first call's start).
+2. `compile_s`: `kn.generation.compile_packages` for the other batch sizes in one process (the in-process
+   build time of each package it builds, and its whole run).
+3. `first_call_with_package` and nanoGPT's first call, each in a fresh process (the best of `--fresh` each).
+4. Steady state, after one warm-up call each, side by side in one process with rounds alternating:
+   `package` (the default "auto" with the package on disk), `traced` (KERAS_NANOGPT_TORCH_COMPILE=trace),
+   `eager` (=never) and `nanogpt`; batch 1 and 8. Ratios compare medians.
+
+    python benchmarks/torch_aot.py --nanogpt ../nanoGPT
+    python benchmarks/torch_aot.py --nanogpt ../nanoGPT --batch-sizes 1 --rounds 5
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import _common
+
+LAYERS, HEADS, WIDTH, CONTEXT, VOCABULARY = 4, 4, 128, 256, 96
+
+
+def parse_args(argv=None):
+    parser = _common.argument_parser(__doc__)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each method, alternating")
+    parser.add_argument("--fresh", type=int, default=2, help="fresh processes per first-call figure (best of)")
+    parser.add_argument("--parts", default="first_without,compile,first,steady",
+                        help="which of the parts below to run (first: the fresh-process first calls)")
+    parser.add_argument("--aot-dir", default=None, help="the package folder (default: a new temporary one)")
+    _common.add_nanogpt_arguments(parser)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    folder = args.aot_dir or tempfile.mkdtemp(prefix="keras_nanogpt_aot_")
+    os.environ.update(KERAS_NANOGPT_AOT_DIR=folder, KERAS_NANOGPT_AOT="1")
+    os.environ.pop("KERAS_NANOGPT_TORCH_COMPILE", None)
+    results = {"model": dict(layers=LAYERS, heads=HEADS, width=WIDTH, context=CONTEXT, vocabulary=VOCABULARY),
+               "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "sampling": "greedy",
+               **_common.machine()}
+    parts = args.parts.split(",")
+    try:
+        if "first_without" in parts:
+            results["first_call_without_package"] = worker("first_without")
+        if "compile" in parts:
+            results["compile"] = worker("compile")
+        if "first" in parts:
+            results["first_call_fresh_process_s"] = {
+                name: min(worker(name)["seconds"] for _ in range(args.fresh))
+                for name in ("first_with", "first_nanogpt" if args.nanogpt else None) if name}
+        if "steady" in parts:
+            results["steady"] = worker("steady")
+        results["packages"] = sorted(n for n in os.listdir(folder) if n.endswith(".pt2"))
+    finally:
+        if not args.aot_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    results["load_average_at_end"] = _common.load_average()
+    print(json.dumps(results, indent=2))
+
+
+def worker(name):
+    done = _common.run_worker(__file__, "torch", name, error_lines=8)
+    if "error" in done:
+        raise RuntimeError(f"the {name} worker failed: {done['error']}")
+    return done
+
+
+def _model():
+    import keras
+
+    import keras_nanogpt as kn
+
+    keras.utils.set_random_seed(0)
+    return kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)
+
+
+def _prompt(args, batch):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(1, VOCABULARY, (batch, args.prompt_length)).astype("int32")
+
+
+def first_without(args):
+    """A fresh process's first call with no package, a second call while the builder runs, the build's time."""
+    from keras_nanogpt import _torch_aot
+
+    model, prompt = _model(), _prompt(args, 1)
+    start = time.perf_counter()
+    model.generate(prompt, args.new_tokens, temperature=0)
+    first = time.perf_counter() - start
+    building = bool(_torch_aot._builders)
+    second_start = time.perf_counter()
+    model.generate(prompt, args.new_tokens, temperature=0)
+    second = time.perf_counter() - second_start
+    codes = _torch_aot.wait_for_builders(timeout=1800)
+    return {"seconds": round(first, 3), "second_call_while_building_s": round(second, 3),
+            "builder_running_during_second_call": building, "builder_exit_codes": codes,
+            "background_build_s": round(time.perf_counter() - start, 1), "counters": _torch_aot.counters,
+            "load_average": _common.load_average()}
+
+
+def compile_packages(args):
+    """`compile_packages` for every batch size (the first one's package is there already)."""
+    import keras_nanogpt as kn
+    from keras_nanogpt import _torch_aot
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    start = time.perf_counter()
+    report = kn.generation.compile_packages(_model(), batch_sizes=batches, sampling=["greedy"])
+    folder = _torch_aot.directory()
+    builds = [json.load(open(os.path.join(folder, name)))["seconds"] for name in sorted(os.listdir(folder))
+              if name.endswith(".json")]
+    return {**report, "seconds": round(time.perf_counter() - start, 1), "package_build_s": builds,
+            "package_mb": [round(os.path.getsize(os.path.join(folder, n)) / 2**20, 2)
+                           for n in sorted(os.listdir(folder)) if n.endswith(".pt2")],
+            "load_average": _common.load_average()}
+
+
+def first_with(args):
+    from keras_nanogpt import _torch_aot
+
+    model, prompt = _model(), _prompt(args, 1)
+    start = time.perf_counter()
+    model.generate(prompt, args.new_tokens, temperature=0)
+    seconds = time.perf_counter() - start
+    levels = sorted({step.level() for step in model._kn_compiled.steps.values()})
+    return {"seconds": round(seconds, 3), "levels": levels, "counters": _torch_aot.counters}
+
+
+def first_nanogpt(args):
+    method = _nanogpt(args, _prompt(args, 1))
+    start = time.perf_counter()
+    method()
+    return {"seconds": round(time.perf_counter() - start, 3)}
+
+
+def _nanogpt(args, prompt):
+    return _common.nanogpt_generator(args.nanogpt, prompt, args.new_tokens, top_k=1, threads=args.threads,
+                                     sequence_length=CONTEXT, vocabulary_size=VOCABULARY, num_layers=LAYERS,
+                                     num_heads=HEADS, hidden_dim=WIDTH)
+
+
+def _in_mode(mode, method):
+    def run():
+        os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = mode
+        try:
+            return method()
+        finally:
+            del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+
+    return run
+
+
+def steady(args):
+    """Each path after one warm-up call, rounds alternating, batch by batch."""
+    import numpy as np
+
+    from keras_nanogpt import _torch_aot
+
+    base = _model()
+    models = {}
+    for name in ("package", "traced", "eager"):
+        models[name] = _model()
+        models[name].set_weights(base.get_weights())
+    run = {"load_average_at_start": _common.load_average(), "batches": []}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        prompt = _prompt(args, batch)
+        methods = {
+            "package": _in_mode("auto", lambda p=prompt: models["package"].generate(p, args.new_tokens, temperature=0)),
+            "traced": _in_mode("trace", lambda p=prompt: models["traced"].generate(p, args.new_tokens, temperature=0)),
+            "eager": _in_mode("never", lambda p=prompt: models["eager"].generate(p, args.new_tokens, temperature=0)),
+        }
+        if args.nanogpt:
+            methods["nanogpt"] = _nanogpt(args, prompt)
+        first, median, outputs = _common.time_methods(methods, args.rounds, label=f"batch {batch}")
+        same = all(np.array_equal(outputs["package"], outputs[name]) for name in ("traced", "eager"))
+        levels = sorted({step.level() for step in models["package"]._kn_compiled.steps.values()})
+        run["batches"].append({
+            "batch_size": batch, "package_levels": levels, "package_tokens_equal_traced_and_eager": same,
+            "first_call_s": {k: round(v, 3) for k, v in first.items()},
+            "ms": {k: round(v * 1000, 1) for k, v in median.items()},
+            "tokens_per_s": {k: round(batch * args.new_tokens / v, 1) for k, v in median.items()},
+            "speedup_of_package": {k: round(v / median["package"], 2) for k, v in median.items() if k != "package"}})
+    run["counters"] = _torch_aot.counters
+    run["load_average_at_end"] = _common.load_average()
+    return run
+
+
+WORKERS = {"first_without": first_without, "compile": compile_packages, "first_with": first_with,
+           "first_nanogpt": first_nanogpt, "steady": steady}
+
+if __name__ == "__main__":
+    sys.exit(main())

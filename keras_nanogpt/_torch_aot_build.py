@@ -1,0 +1,68 @@
+"""PyTorch backend only: the background builder of one AOTInductor package (`python -m
+keras_nanogpt._torch_aot_build SPEC`), started by `_torch_aot.spawn` at the lowest priority.
+
+It rebuilds the model and the sampler from their configs in the spec file (the model's own Keras code:
+no copy of it), traces the decode step for the spec's inputs with the model's fresh weights (the
+package takes weights as inputs, so their values do not matter), compiles it (`_torch_compile.build_package`)
+and removes its lock and spec. A failure leaves `KEY.failed` with the error, so no process tries again
+until that file is removed; the builder's output is kept in `KEY.log`.
+
+Example:
+    >>> main(["/home/me/.keras/keras_nanogpt/aot/0123abcd.spec"])  # doctest: +SKIP
+"""
+
+import contextlib
+import os
+import sys
+import traceback
+
+import keras
+import keras_hub
+import torch
+
+from keras_nanogpt import _torch_aot, _torch_compile, decoding
+from keras_nanogpt import model as _model  # noqa: F401  (registers NanoGPT and its layers for deserializing)
+
+
+def build_from_spec(spec_path):
+    """Build the package that the spec file `spec_path` (`Decoder._write_spec`'s) describes; returns its path."""
+    key = os.path.basename(spec_path)[:-len(".spec")]
+    spec = torch.load(spec_path, weights_only=False)
+    model = keras.saving.deserialize_keras_object(spec["model"])
+    sampler = keras_hub.samplers.deserialize(spec["sampler"])
+    weights = [variable.value.detach() for variable in model.variables]
+    found = [(tuple(t.shape), str(t.dtype)) for t in weights]
+    if found != [tuple(w) for w in spec["weights"]]:
+        raise ValueError(f"the model rebuilt from its config has other weights than the step's: {found} "
+                         f"against {spec['weights']}")
+    layout = _torch_compile._Layout(*spec["layout"])
+    parts = decoding.token_step(model, sampler)
+    with torch.no_grad():
+        return _torch_compile.build_package(key, model, parts.step, weights + list(spec["inputs"]), layout)
+
+
+def main(argv):
+    """Run the builder for the spec file `argv[0]`; returns the exit status."""
+    spec_path = argv[0]
+    key = os.path.basename(spec_path)[:-len(".spec")]
+    _, _, lock, failure = _torch_aot.paths(key)
+    try:
+        print(build_from_spec(spec_path), flush=True)
+        status = 0
+    except Exception:
+        traceback.print_exc()
+        with open(failure, "w") as f:
+            f.write(traceback.format_exc())
+        status = 1
+    finally:
+        for path in (spec_path, lock):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    if status == 0:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(_torch_aot.directory(), f"{key}.log"))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

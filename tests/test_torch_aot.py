@@ -1,0 +1,249 @@
+"""PyTorch only: the decode step's AOTInductor packages (keras_nanogpt/_torch_aot.py): built once in the
+background by a detached builder while the traced graph serves, loaded by the next call and by a fresh
+process, token for token equal to the eager step and a full recompute, reused by new weights; a corrupt
+or foreign package warns and is built again; the opt-out, the size cap and the missing compiler.
+
+One package is built for the whole module (a 1-layer, 16-wide model: tens of seconds); every builder a
+test starts is waited for or ended before its test's folder goes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND
+
+import keras_nanogpt as kn
+
+pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="AOTInductor packages are PyTorch's")
+
+PROMPT = [[3, 1, 4, 1, 5]]
+CONFIG = dict(vocabulary_size=24, sequence_length=16, num_layers=1, num_heads=2, hidden_dim=16)
+BUILD_SECONDS = 600  # the bound on the module's one build (a busy 2-core machine)
+
+
+def make_model(seed):
+    keras.utils.set_random_seed(seed)
+    return kn.NanoGPT(**CONFIG)
+
+
+def generate(model, mode="auto", tokens=30):
+    os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = mode
+    try:
+        return model.generate(PROMPT, max_new_tokens=tokens, temperature=0).tolist()
+    finally:
+        del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+
+
+def levels(model):
+    return {step.level() for step in model._kn_compiled.steps.values()}
+
+
+def recompute(model, tokens):
+    """Greedy decoding that runs the whole sequence through the model for each token (within the context)."""
+    ids = np.array(PROMPT, "int32")
+    for _ in range(tokens):
+        logits = keras.ops.convert_to_numpy(model(ids, training=False))
+        ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None].astype("int32")], axis=1)
+    return ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def aot(tmp_path_factory):
+    """The module's package folder, packages on, tracing at once in "auto" (a tiny model's step never pays for
+    it otherwise), TorchInductor's in-process compilation never chosen."""
+    from keras_nanogpt import _torch_aot, _torch_compile
+
+    folder = tmp_path_factory.mktemp("aot")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_NANOGPT_AOT", "1")
+        patch.setenv("KERAS_NANOGPT_AOT_DIR", str(folder))
+        patch.setattr(_torch_compile, "expected_trace_seconds", lambda: 0.0)
+        patch.setattr(_torch_compile, "expected_compile_seconds", lambda key: float("inf"))
+        yield folder
+        _torch_aot.stop_builders()
+
+
+@pytest.fixture(scope="module")
+def built(aot):
+    """The first call: the traced graph serves it and a background builder makes the package; then waited for."""
+    from keras_nanogpt import _torch_aot
+
+    model = make_model(3)
+    eager = generate(model, "never")
+    before = dict(_torch_aot.counters)
+    start = time.perf_counter()
+    first = generate(model)
+    first_seconds = time.perf_counter() - start
+    assert levels(model) == {"graph"}
+    spawned = _torch_aot.counters["spawned"] - before["spawned"]
+    codes = _torch_aot.wait_for_builders(timeout=BUILD_SECONDS)
+    packages = sorted(aot.glob("*.pt2"))
+    return dict(model=model, eager=eager, first=first, first_seconds=first_seconds, spawned=spawned, codes=codes,
+                packages=packages, logs=[p.read_text()[-3000:] for p in aot.glob("*.log")] + [
+                    p.read_text()[-3000:] for p in aot.glob("*.failed")])
+
+
+def test_first_call_traces_and_builds_the_package_in_the_background(built, aot):
+    assert built["first"] == built["eager"]  # served by the traced graph, not waiting for the build
+    assert built["spawned"] == 1
+    assert built["codes"] == [0], built["logs"]
+    (package,) = built["packages"]
+    sidecar = json.loads(package.with_suffix(".json").read_text())
+    assert sidecar["key"] == package.stem and len(sidecar["sha256"]) == 64
+    assert not list(aot.glob("*.building")) and not list(aot.glob("*.spec"))  # the builder cleaned up
+
+
+def test_the_next_call_runs_the_package_equal_to_eager_and_a_recompute(built):
+    from keras_nanogpt import _torch_aot
+
+    model, loaded = built["model"], _torch_aot.counters["loaded"]
+    assert generate(model) == built["eager"]  # 30 tokens: past the context, the window slides
+    assert levels(model) == {"package"} and _torch_aot.counters["loaded"] == loaded + 1
+    assert generate(model, tokens=10) == recompute(model, 10)
+    assert _torch_aot.counters["loaded"] == loaded + 1  # loaded once per model and step
+    assert model._kn_compiled.traces == 1  # the first call's trace only
+
+
+def test_a_fresh_process_loads_the_package_and_compiles_nothing(built, aot, tmp_path):
+    path = tmp_path / "model.keras"
+    built["model"].save(path)
+    script = (
+        "import json, sys, time\n"
+        "import keras_nanogpt as kn\n"
+        "from keras_nanogpt import _torch_aot\n"
+        f"model = kn.load_model({str(path)!r})\n"
+        "start = time.perf_counter()\n"
+        f"tokens = model.generate({PROMPT}, max_new_tokens=30, temperature=0).tolist()\n"
+        "seconds = time.perf_counter() - start\n"
+        "levels = sorted({s.level() for s in model._kn_compiled.steps.values()})\n"
+        "print(json.dumps(dict(tokens=tokens, counters=_torch_aot.counters, levels=levels,\n"
+        "                      traces=model._kn_compiled.traces, seconds=seconds)))\n")
+    env = dict(os.environ, KERAS_BACKEND="torch", KERAS_NANOGPT_AOT="1", KERAS_NANOGPT_AOT_DIR=str(aot),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["tokens"] == built["eager"]
+    assert report["levels"] == ["package"] and report["traces"] == 0  # nothing traced, nothing compiled
+    assert report["counters"] == {"loaded": 1, "built": 0, "spawned": 0, "rejected": 0}
+
+
+def test_new_weights_reuse_the_package(built, aot):
+    from keras_nanogpt import _torch_aot
+
+    other = make_model(7)  # the same configuration, other weights
+    before = dict(_torch_aot.counters)
+    tokens = generate(other)
+    assert levels(other) == {"package"}
+    assert _torch_aot.counters["loaded"] == before["loaded"] + 1
+    assert _torch_aot.counters["spawned"] == before["spawned"] and len(list(aot.glob("*.pt2"))) == 1
+    assert tokens == generate(other, "never") and tokens != built["eager"]  # the new weights' tokens
+    other.set_weights([w * 1.5 for w in other.get_weights()])  # changed in place: the same model object
+    assert generate(other) == generate(other, "never")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_package_warns_and_is_built_again(built, aot, damage):
+    from keras_nanogpt import _torch_aot
+
+    (package,) = built["packages"]
+    sidecar = package.with_suffix(".json")
+    saved = {path: path.read_bytes() for path in (package, sidecar)}
+    try:
+        if damage == "truncated":
+            package.write_bytes(saved[package][:len(saved[package]) // 2])
+        else:
+            meta = json.loads(saved[sidecar])
+            sidecar.write_text(json.dumps({**meta, "key": "0" * 32}))
+        before = dict(_torch_aot.counters)
+        model = make_model(3)
+        with pytest.warns(RuntimeWarning, match="ignored and will be built again"):
+            assert generate(model) == built["eager"]  # the traced graph serves; no crash
+        assert levels(model) == {"graph"}
+        assert _torch_aot.counters["rejected"] == before["rejected"] + 1
+        assert _torch_aot.counters["spawned"] == before["spawned"] + 1  # building it again
+    finally:
+        _torch_aot.stop_builders()  # this test's builder: ended, not left to outlive the folder
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
+def test_the_opt_out_neither_loads_nor_builds(built, monkeypatch):
+    from keras_nanogpt import _torch_aot
+
+    monkeypatch.setenv("KERAS_NANOGPT_AOT", "0")
+    before = dict(_torch_aot.counters)
+    model = make_model(3)
+    assert generate(model) == built["eager"]
+    assert levels(model) == {"graph"} and _torch_aot.counters == before
+
+
+def test_compile_packages_finds_the_package_there(built):
+    report = kn.generation.compile_packages(make_model(3), batch_sizes=[1], windows=[16], sampling=["greedy"])
+    assert (report["packages"], report["built"], report["loaded"]) == (1, 0, 1)
+    with pytest.raises(ValueError, match="windows.*24"):
+        kn.generation.compile_packages(built["model"], windows=[24])
+
+
+def test_the_cap_evicts_the_packages_used_longest_ago(tmp_path, monkeypatch):
+    from keras_nanogpt import _torch_aot
+
+    monkeypatch.setenv("KERAS_NANOGPT_AOT_DIR", str(tmp_path))
+    monkeypatch.setenv("KERAS_NANOGPT_AOT_CACHE_MB", "2.5")
+    now = time.time()
+    for age, key in ((30, "old"), (20, "middle"), (10, "new")):
+        package, sidecar = _torch_aot.paths(key)[:2]
+        with open(package, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+        with open(sidecar, "w") as f:
+            json.dump({"key": key}, f)
+        os.utime(sidecar, (now - age, now - age))
+    os.utime(_torch_aot.paths("old")[1])  # used just now: the middle one is the least recently used
+    _torch_aot.evict(keep="new")
+    assert sorted(p.stem for p in tmp_path.glob("*.pt2")) == ["new", "old"]
+    monkeypatch.setenv("KERAS_NANOGPT_AOT_CACHE_MB", "0")
+    _torch_aot.evict(keep="new")  # the one just built stays, whatever the cap
+    assert [p.stem for p in tmp_path.glob("*.pt2")] == ["new"]
+
+
+def test_without_a_compiler_one_warning_and_no_builder(tmp_path, monkeypatch):
+    from keras_nanogpt import _torch_aot
+
+    monkeypatch.setenv("KERAS_NANOGPT_AOT_DIR", str(tmp_path))
+    monkeypatch.setenv("KERAS_NANOGPT_AOT", "1")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(_torch_aot, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="No C\\+\\+ compiler"):
+        assert not _torch_aot.can_build("somekey")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert not _torch_aot.can_build("otherkey")  # said once
+    assert not _torch_aot.compiler_available()
+
+
+def test_a_call_that_compiles_in_the_process_starts_the_builder_too(built, monkeypatch):
+    """Where the ski rental goes from the eager step straight to TorchInductor (no trace), the package's
+    builder starts all the same (TorchInductor stood in by the traced graph here: no compiler run)."""
+    from keras_nanogpt import _torch_aot, _torch_compile
+
+    monkeypatch.setattr(_torch_compile, "expected_compile_seconds", lambda key: 0.0)
+    monkeypatch.setattr(_torch_compile, "_compiled_step", lambda model, step, layout, example, graph=None:
+                        _torch_compile._traced_step(model, step, layout, example))
+    before = _torch_aot.counters["spawned"]
+    model = make_model(3)
+    try:
+        os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = "auto"
+        batch = np.array([[3, 1, 4], [1, 5, 9]], "int32")  # a new shape: no package for it
+        assert (model.generate(batch, max_new_tokens=12, temperature=0) == model.generate(
+            batch, max_new_tokens=12, temperature=0)).all()
+        assert levels(model) == {"compiled"} and _torch_aot.counters["spawned"] == before + 1
+    finally:
+        del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+        _torch_aot.stop_builders()
