@@ -443,8 +443,8 @@ def _stop_sequences(model, stop):
 
 
 def _sampler(compiled, sampler, temperature, top_k, top_p):
-    """`(sampler, (temperature, top_k, top_p))`: a keras-hub sampler (one of two kept per model for
-    the settings, so its compiled loop is reused whatever their values) and the values for
+    """`(sampler, (temperature, top_k, top_p))`: a keras-hub sampler (kept per model: greedy, or one
+    per `decoding.filter_plan`, so its compiled loop is reused whatever the values) and the values for
     `decoding.Rows` (top_k 0 and top_p 1.0: all tokens)."""
     import keras_hub
 
@@ -459,6 +459,9 @@ def _sampler(compiled, sampler, temperature, top_k, top_p):
         return compiled.keep(("sampler", "greedy"), keras_hub.samplers.GreedySampler), (1.0, 0, 1.0)
     top_k = 0 if top_k is None or top_k >= compiled.model.vocabulary_size else top_k
     top_p = 1.0 if top_p is None else top_p
-    # One object for every value: `decoding.filter_probabilities` applies top_k and top_p in the loop.
-    random = compiled.keep(("sampler", "random"), keras_hub.samplers.RandomSampler)
+    # One object per `decoding.Filter` (a handful: the top-k bucket, whether top_p applies, or none),
+    # whatever the values: `decoding._draw` applies top_k and top_p in the loop.
+    plan = decoding.filter_plan(compiled.model.vocabulary_size, top_k, top_p)
+    random = compiled.keep(("sampler", "random", plan), lambda: decoding.filtered_sampler(plan) if plan
+                           else keras_hub.samplers.RandomSampler())
     return random, (temperature, top_k, top_p)
