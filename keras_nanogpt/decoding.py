@@ -1,7 +1,7 @@
 """The decode loop's device side, in `keras.ops` only: one token's step, sampling with keras-hub's samplers
-(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`: one
-compiled loop serves every temperature, `top_k` and `top_p`), stop-sequence matching, and the search
-samplers' loop.
+(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`; a
+`Filter`, static, says how many tokens are ranked and whether top_p applies: a handful of compiled loops
+serve every temperature, `top_k` and `top_p`), stop-sequence matching, and the search samplers' loop.
 
 `keras_nanogpt.generation` runs these on the host's windows; `keras_nanogpt.backends` compiles them
 (`jax.jit`, `tf.function(jit_compile=True)`, or on PyTorch one token's step traced or compiled by

@@ -20,9 +20,10 @@ How a call runs:
    context each step and moves its start that way would give (nanoGPT crops at every step instead).
 
 Sampling: `temperature`, `top_k` and `top_p` are inputs of the compiled loop (`decoding.Rows`), not
-part of it: temperature 0 runs the greedy loop (keras-hub's `GreedySampler`), any other settings one
-sampling loop (`decoding.filter_probabilities`, then keras-hub's `RandomSampler`'s seeded draw), so
-new values compile nothing and keep nothing. `sampler=` takes any keras-hub sampler object or name
+part of it: temperature 0 runs the greedy loop (keras-hub's `GreedySampler`), any other settings a
+sampling loop per `decoding.Filter` (none without top_k and top_p; else the top-k bucket ranked,
+64, 512, ... or the whole vocabulary, and whether top_p applies), then keras-hub's `RandomSampler`'s
+seeded draw among the bucket, so new values compile nothing and keep nothing beyond those few loops. `sampler=` takes any keras-hub sampler object or name
 instead, each object with its own loop. Token samplers run inside the loop above; search samplers
 (beam, contrastive) run their own keras-hub loop, compiled the same way, window by window (each
 starts afresh from the best row so far).
