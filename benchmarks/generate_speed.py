@@ -46,7 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method, alternating")
     _common.add_nanogpt_arguments(parser)
-    parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute")
+    parser.add_argument("--skip", default="", help="methods to leave out, e.g. keras_hub,recompute (and on "
+                        "PyTorch cached_eager,cached_traced,cached_compiled)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: greedy)")
     parser.add_argument("--first-call-tokens", default=None,
                         help="comma-separated: also time a fresh process's first call of this many tokens")
@@ -93,6 +94,8 @@ def worker(args, backend):
         if backend == "torch":
             for name, mode in (("cached_eager", "never"), ("cached_traced", "trace"),
                                ("cached_compiled", "always")):
+                if name in skip:
+                    continue
                 other = kn.NanoGPT(VOCABULARY, CONTEXT, LAYERS, HEADS, WIDTH)  # its own steps
                 other.set_weights(model.get_weights())
                 methods[name] = torch_mode(mode, lambda p=prompt, m=other: m.generate(

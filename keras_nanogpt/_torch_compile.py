@@ -19,8 +19,8 @@ probabilities) is instead:
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
 a tensor input, so no token retraces. The sampler's draw (keras-hub's `get_next_token`) is a small traced graph of
-its own per sampler, with `top_k` and `top_p` as its tensor inputs (`decoding.filter_probabilities`: no
-value traces again) and Keras's seeded categorical draw as one operator (`_torch_keras_internals.seeded_categorical`):
+its own per sampler, with `top_k` and `top_p` as its tensor inputs (`decoding._draw`: no value
+traces again; each `decoding.Filter` is a sampler of its own, sharing the step) and Keras's seeded categorical draw as one operator (`_torch_keras_internals.seeded_categorical`):
 a seed gives the same tokens on every path.
 
 When: as in the ski-rental problem, a step moves up (eager -> graph -> TorchInductor) once the time

@@ -1,7 +1,7 @@
 """The decode loop's device side, in `keras.ops` only: one token's step, sampling with keras-hub's samplers
-(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`: one
-compiled loop serves every temperature, `top_k` and `top_p`), stop-sequence matching, and the search
-samplers' loop.
+(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`; a
+`Filter`, static, says how many tokens are ranked and whether top_p applies: a handful of compiled loops
+serve every temperature, `top_k` and `top_p`), stop-sequence matching, and the search samplers' loop.
 
 `keras_nanogpt.generation` runs these on the host's windows; `keras_nanogpt.backends` compiles them
 (`jax.jit`, `tf.function(jit_compile=True)`, or on PyTorch one token's step traced or compiled by
@@ -191,43 +191,135 @@ def _sample(sampler, logits, seeds, rows):
 
 
 def _draw(sampler, probabilities, seeds, top_k, top_p):
-    """The sampler's tokens for `probabilities` (top-k and top-p applied first where the sampler
-    `filters`), its seed generators' state passed in and out."""
-    if filters(sampler):
-        probabilities = filter_probabilities(probabilities, top_k, top_p)
+    """The sampler's tokens for `probabilities`, its seed generators' state passed in and out. Where
+    the sampler has a `Filter` (`filters`), it draws among the filter's bucket of most likely tokens,
+    those outside the top-k and the top-p nucleus at 0 (`_candidates`), and maps the draw back to
+    token ids."""
+    plan = filters(sampler)
     variables = sampler.variables
     with keras.StatelessScope(state_mapping=list(zip(variables, seeds))) as scope:
-        token = sampler.get_next_token(probabilities)
+        if plan is None:
+            token = sampler.get_next_token(probabilities)
+        else:
+            ranked, indices, _ = _candidates(probabilities, top_k, top_p, plan)
+            choice = ops.cast(sampler.get_next_token(ranked), "int32")  # a rank in the bucket
+            token = ops.take_along_axis(indices, ops.reshape(choice, (-1, 1)), axis=-1)[:, 0]
     return ops.cast(token, "int32"), [scope.get_current_value(v) for v in variables]
 
 
+class Filter(typing.NamedTuple):
+    """The static part of top-k / top-p filtering, one compiled decode loop each (the values of
+    `top_k` and `top_p` stay tensor inputs: new values compile nothing).
+
+    Args:
+        bucket: how many of the most likely tokens are ranked (`ops.top_k`'s static k): a row's
+            `top_k` must be 1..bucket (0: all of the bucket). The vocabulary size when some row
+            keeps every token (top_k 0), else `buckets`' smallest size holding top_k.
+        nucleus: whether `top_p` applies (a cumulative sum over the bucket); False when every row's
+            top_p is 1.
+
+    Example:
+        >>> filter_plan(50257, 40, 1.0), filter_plan(50257, 0, 0.9), filter_plan(50257, 0, 1.0)
+        (Filter(bucket=64, nucleus=False), Filter(bucket=50257, nucleus=True), None)
+    """
+
+    bucket: int
+    nucleus: bool
+
+
+def buckets(vocabulary):
+    """The bucket sizes `Filter.bucket` takes for a vocabulary: 64, 512, 4096, ... (x8) below it, then
+    the vocabulary itself: a handful of compiled loops (6 for GPT-2's 50,257 tokens, 2 for 65).
+
+    Example:
+        >>> buckets(65), buckets(50257)
+        ([64, 65], [64, 512, 4096, 32768, 50257])
+    """
+    sizes, size = [], 64
+    while size < vocabulary:
+        sizes.append(size)
+        size *= 8
+    return sizes + [vocabulary]
+
+
+def filter_plan(vocabulary, top_k, top_p):
+    """The `Filter` for `top_k` and `top_p` (scalars or one per row; top_k 0 and top_p 1.0: all
+    tokens), or None where no row filters (the draw takes every token: no ranking at all).
+
+    Example:
+        >>> filter_plan(96, [3, 40], [1.0, 0.5])
+        Filter(bucket=64, nucleus=True)
+    """
+    import numpy as np
+
+    top_k = np.asarray(top_k, "int64").reshape(-1)
+    top_k = np.where(top_k >= vocabulary, 0, top_k)  # as many as the vocabulary: all
+    nucleus = bool((np.asarray(top_p, "float64") < 1.0).any())
+    if (top_k <= 0).any():
+        return Filter(vocabulary, nucleus) if nucleus or (top_k > 0).any() else None
+    return Filter(next(size for size in buckets(vocabulary) if size >= top_k.max()), nucleus)
+
+
+def filtered_sampler(plan):
+    """A keras-hub `RandomSampler` that draws after the `Filter` `plan` (`filters` reads it back)."""
+    import keras_hub
+
+    sampler = keras_hub.samplers.RandomSampler()
+    sampler.keras_nanogpt_filter = Filter(int(plan.bucket), bool(plan.nucleus))
+    return sampler
+
+
 def filters(sampler):
-    """Whether the decode loop applies `Rows.top_k` and `Rows.top_p` before the sampler's draw: for
-    keras-hub's `RandomSampler` (generation's sampler at temperature > 0), not for greedy or other
-    samplers, which choose their tokens themselves.
+    """The `Filter` the decode loop applies (with `Rows.top_k` and `Rows.top_p`) before the sampler's
+    draw, or None: a `RandomSampler` made by `filtered_sampler` (generation's sampler at temperature > 0
+    with top_k or top_p) has one; other samplers choose their tokens themselves.
 
     Example:
         >>> import keras_hub
-        >>> filters(keras_hub.samplers.RandomSampler()), filters(keras_hub.samplers.GreedySampler())
-        (True, False)
+        >>> filters(filtered_sampler(Filter(64, False))), filters(keras_hub.samplers.RandomSampler())
+        (Filter(bucket=64, nucleus=False), None)
     """
     import keras_hub
 
-    return type(sampler) is keras_hub.samplers.RandomSampler
+    if type(sampler) is not keras_hub.samplers.RandomSampler:
+        return None
+    return getattr(sampler, "keras_nanogpt_filter", None)
 
 
-def filter_probabilities(probabilities, top_k, top_p):
+def _candidates(probabilities, top_k, top_p, plan):
+    """`(ranked, indices, threshold)`: the `plan.bucket` most likely tokens' probabilities, descending,
+    with those outside the top-k and the top-p nucleus at 0, their token ids (both `(batch, bucket)`),
+    and the last kept probability, `(batch, 1)`."""
+    ranked, indices = ops.top_k(probabilities, k=plan.bucket, sorted=True)
+    top_k = ops.reshape(ops.cast(top_k, "int32"), (-1, 1))  # (1, 1) or (batch, 1)
+    count = ops.where(top_k > 0, ops.minimum(top_k, plan.bucket), plan.bucket)
+    if plan.nucleus:
+        # A rank is in the nucleus when the probabilities ranked before it add up to `top_p` at most;
+        # the bucket holds every rank top_k keeps, so its cumulative sum is the vocabulary's there.
+        top_p = ops.reshape(ops.cast(top_p, "float32"), (-1, 1))
+        cumulative = ops.cumsum(ranked, axis=-1)
+        inside = 1 + ops.sum(ops.cast(cumulative[:, :-1] <= top_p, "int32"), axis=-1, keepdims=True)
+        count = ops.minimum(count, ops.where(top_p >= 1.0, plan.bucket, inside))  # 1.0: all
+    threshold = ops.take_along_axis(ranked, count - 1, axis=-1)  # (batch, 1)
+    return ops.where(ranked >= threshold, ranked, ops.zeros_like(ranked)), indices, threshold
+
+
+def filter_probabilities(probabilities, top_k, top_p, plan=None):
     """`probabilities` with every token outside the top-k and the top-p nucleus set to 0.
 
     `top_k` and `top_p` are tensors (scalars, or one per row), so one compiled program serves every
     value. The tokens kept are keras-hub's `TopKSampler` / `TopPSampler`'s: the `top_k` most likely,
     and of those the most likely ones up to and including the first whose cumulative probability
-    passes `top_p`; tokens exactly as likely as the last one kept are kept too.
+    passes `top_p`; tokens exactly as likely as the last one kept are kept too (within the plan's
+    bucket). The decode loop draws from the bucket itself (`_draw`); this gives the same tokens over
+    the whole vocabulary.
 
     Args:
         probabilities: `(batch, vocabulary)` float32, each row adding up to 1.
         top_k: int32, the most likely tokens to keep (0: all).
         top_p: float32 in (0, 1], the nucleus's probability (1.0: all).
+        plan: a `Filter` (static: its bucket must hold every row's top_k); None ranks the whole
+            vocabulary.
 
     Returns:
         `(batch, vocabulary)` float32, not renormalised (a categorical draw over their logarithms
@@ -240,18 +332,14 @@ def filter_probabilities(probabilities, top_k, top_p):
         array([[0.  , 0.5 , 0.  , 0.25]], dtype=float32)
         >>> ops.convert_to_numpy(filter_probabilities(p, np.array(0, "int32"), np.array(0.4, "float32")))
         array([[0. , 0.5, 0. , 0. ]], dtype=float32)
+        >>> ops.convert_to_numpy(filter_probabilities(p, np.array(2, "int32"), np.array(1.0, "float32"),
+        ...                                           Filter(bucket=2, nucleus=False)))
+        array([[0.  , 0.5 , 0.  , 0.25]], dtype=float32)
     """
     probabilities = ops.convert_to_tensor(probabilities)
-    vocabulary = ops.shape(probabilities)[-1]
-    ranked, _ = ops.top_k(probabilities, k=vocabulary, sorted=True)  # (batch, vocabulary), descending
-    cumulative = ops.cumsum(ranked, axis=-1)
-    top_k = ops.reshape(ops.cast(top_k, "int32"), (-1,))  # (1,) or (batch,)
-    top_p = ops.reshape(ops.cast(top_p, "float32"), (-1, 1))
-    # A rank is in the nucleus when the probabilities ranked before it add up to `top_p` at most.
-    nucleus = 1 + ops.sum(ops.cast(cumulative[:, :-1] <= top_p, "int32"), axis=-1)  # (batch,)
-    nucleus = ops.where(top_p[:, 0] >= 1.0, vocabulary, nucleus)  # 1.0: all, whatever rounding says
-    count = ops.minimum(nucleus, ops.where(top_k > 0, ops.minimum(top_k, vocabulary), vocabulary))
-    threshold = ops.take_along_axis(ranked, ops.reshape(count - 1, (-1, 1)), axis=-1)  # (batch, 1)
+    if plan is None:
+        plan = Filter(ops.shape(probabilities)[-1], True)
+    _, _, threshold = _candidates(probabilities, top_k, top_p, plan)
     return ops.where(ops.greater_equal(probabilities, threshold), probabilities, ops.zeros_like(probabilities))
 
 

@@ -20,9 +20,10 @@ How a call runs:
    context each step and moves its start that way would give (nanoGPT crops at every step instead).
 
 Sampling: `temperature`, `top_k` and `top_p` are inputs of the compiled loop (`decoding.Rows`), not
-part of it: temperature 0 runs the greedy loop (keras-hub's `GreedySampler`), any other settings one
-sampling loop (`decoding.filter_probabilities`, then keras-hub's `RandomSampler`'s seeded draw), so
-new values compile nothing and keep nothing. `sampler=` takes any keras-hub sampler object or name
+part of it: temperature 0 runs the greedy loop (keras-hub's `GreedySampler`), any other settings a
+sampling loop per `decoding.Filter` (none without top_k and top_p; else the top-k bucket ranked,
+64, 512, ... or the whole vocabulary, and whether top_p applies), then keras-hub's `RandomSampler`'s
+seeded draw among the bucket, so new values compile nothing and keep nothing beyond those few loops. `sampler=` takes any keras-hub sampler object or name
 instead, each object with its own loop. Token samplers run inside the loop above; search samplers
 (beam, contrastive) run their own keras-hub loop, compiled the same way, window by window (each
 starts afresh from the best row so far).
@@ -503,8 +504,8 @@ def _stop_sequences(model, stop):
 
 
 def _sampler(compiled, sampler, temperature, top_k, top_p):
-    """`(sampler, (temperature, top_k, top_p))`: a keras-hub sampler (one of two kept per model for
-    the settings, so its compiled loop is reused whatever their values) and the values for
+    """`(sampler, (temperature, top_k, top_p))`: a keras-hub sampler (kept per model: greedy, or one
+    per `decoding.filter_plan`, so its compiled loop is reused whatever the values) and the values for
     `decoding.Rows` (top_k 0 and top_p 1.0: all tokens)."""
     import keras_hub
 
@@ -519,6 +520,9 @@ def _sampler(compiled, sampler, temperature, top_k, top_p):
         return compiled.keep(("sampler", "greedy"), keras_hub.samplers.GreedySampler), (1.0, 0, 1.0)
     top_k = 0 if top_k is None or top_k >= compiled.model.vocabulary_size else top_k
     top_p = 1.0 if top_p is None else top_p
-    # One object for every value: `decoding.filter_probabilities` applies top_k and top_p in the loop.
-    random = compiled.keep(("sampler", "random"), keras_hub.samplers.RandomSampler)
+    # One object per `decoding.Filter` (a handful: the top-k bucket, whether top_p applies, or none),
+    # whatever the values: `decoding._draw` applies top_k and top_p in the loop.
+    plan = decoding.filter_plan(compiled.model.vocabulary_size, top_k, top_p)
+    random = compiled.keep(("sampler", "random", plan), lambda: decoding.filtered_sampler(plan) if plan
+                           else keras_hub.samplers.RandomSampler())
     return random, (temperature, top_k, top_p)

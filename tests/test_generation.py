@@ -95,16 +95,104 @@ def test_filter_probabilities_takes_k_and_p_as_tensors():
 
 
 def test_sampling_values_are_inputs_of_one_loop(sharp_model):
-    """New temperature, top_k and top_p values compile nothing and keep nothing (one loop per shape)."""
-    sharp_model.generate("It is", max_new_tokens=4, top_k=3, top_p=0.5, temperature=0.7, seed=0)
+    """New temperature, top_k and top_p values compile nothing and keep nothing: one loop per shape and
+    `decoding.Filter` (top-k bucket, whether top_p applies), whatever the values."""
+    from keras_nanogpt import decoding
+
+    vocabulary = sharp_model.vocabulary_size
+    settings = [dict(top_k=1 + i, top_p=0.3 + 0.047 * i, temperature=0.2 + 0.13 * i, seed=i) for i in range(15)]
+    settings += [dict(top_p=0.31 + 0.045 * i) for i in range(15)]
+    settings += [dict(top_k=2 + i, temperature=1.5 - 0.07 * i) for i in range(15)]
+    settings += [dict(temperature=0.5 + 0.1 * i) for i in range(5)]
+    plans = {decoding.filter_plan(vocabulary, s.get("top_k", 0), s.get("top_p", 1.0)) for s in settings}
+    assert len(plans) <= 2 * len(decoding.buckets(vocabulary)) + 1
+    first = {}
+    for setting in settings:  # one call per plan compiles its loop
+        first.setdefault(decoding.filter_plan(vocabulary, setting.get("top_k", 0), setting.get("top_p", 1.0)), setting)
+    for setting in first.values():
+        sharp_model.generate("It is", max_new_tokens=4, **setting)
     compiled = sharp_model._kn_compiled
     traces, kept = compiled.traces, len(compiled.kept)
-    for i in range(15):
-        sharp_model.generate("It is", max_new_tokens=4, top_k=1 + i, top_p=0.3 + 0.047 * i,
-                             temperature=0.2 + 0.13 * i, seed=i)
-        sharp_model.generate("It is", max_new_tokens=4, top_p=0.31 + 0.045 * i)
-        sharp_model.generate("It is", max_new_tokens=4, top_k=2 + i, temperature=1.5 - 0.07 * i)
+    for setting in settings:
+        sharp_model.generate("It is", max_new_tokens=4, **setting)
     assert compiled.traces == traces and len(compiled.kept) == kept, list(compiled.kept)
+
+
+def _reference_filter(probabilities, top_k, top_p):
+    """Which tokens top-k and top-p keep, token by token in numpy (no ties): a token is kept when fewer
+    than top_k tokens are more likely and the probability of the tokens more likely adds up to top_p at most."""
+    more_likely = probabilities[:, None, :] > probabilities[:, :, None]  # [row, token, other]
+    ahead = (more_likely * probabilities[:, None, :]).sum(-1)
+    top_k = np.broadcast_to(np.where(np.asarray(top_k) > 0, top_k, probabilities.shape[1]), (len(probabilities),))
+    top_p = np.broadcast_to(np.asarray(top_p, "float64"), (len(probabilities),))
+    keep = more_likely.sum(-1) < top_k[:, None]
+    return keep & ((ahead <= top_p[:, None]) | (top_p[:, None] >= 1.0))
+
+
+def test_bucketed_top_k_keeps_what_a_full_sort_keeps():
+    """`decoding.Filter`'s bucket ranks the top-k bucket only (no full sort); the tokens kept are the
+    full sort's and a reference's, for scalar and per-row k and p, with and without the nucleus."""
+    from keras_nanogpt import decoding
+
+    rng = np.random.default_rng(0)
+    vocabulary = 600  # buckets 64, 512, 600
+    logits = rng.normal(0, 2.0, (6, vocabulary))
+    probabilities = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype("float32")
+    cases = [(1, 1.0), (3, 1.0), (40, 1.0), (64, 1.0), (65, 1.0), (300, 1.0), (512, 1.0), (599, 1.0),
+             (40, 0.5), (500, 0.9), (0, 0.3), (0, 0.95), ([1, 7, 64, 2, 40, 9], [1.0, 0.2, 0.9, 1.0, 0.6, 0.01]),
+             ([200, 513, 1, 3, 3, 50], 1.0), ([0, 3, 5, 600, 1, 1], [0.5, 1.0, 1.0, 0.5, 1.0, 1.0])]
+    for top_k, top_p in cases:
+        plan = decoding.filter_plan(vocabulary, top_k, top_p)
+        assert plan is not None and plan.bucket in decoding.buckets(vocabulary)
+        expected = _reference_filter(probabilities, np.where(np.asarray(top_k) >= vocabulary, 0, top_k), top_p)
+        k, p = np.array(top_k, "int32"), np.array(top_p, "float32")
+        bucketed = to_numpy(decoding.filter_probabilities(probabilities, k, p, plan))
+        full = to_numpy(decoding.filter_probabilities(probabilities, k, p))
+        assert ((bucketed > 0) == expected).all(), (top_k, top_p, plan)
+        np.testing.assert_array_equal(bucketed, full)
+        np.testing.assert_array_equal(bucketed, np.where(expected, probabilities, 0))
+    assert decoding.filter_plan(vocabulary, 40, 1.0) == decoding.Filter(64, False)
+    assert decoding.filter_plan(vocabulary, 0, 1.0) is None  # no filter: no ranking at all
+    assert decoding.filter_plan(vocabulary, vocabulary, 1.0) is None
+    assert decoding.filter_plan(vocabulary, 0, 0.9) == decoding.Filter(vocabulary, True)  # the full sort
+
+
+def _seeds(sampler, seed):
+    """The sampler's seed state for `seed`, as generation sets it."""
+    return [np.array([seed, i], to_numpy(v.value).dtype) for i, v in enumerate(sampler.variables)]
+
+
+def test_draws_within_the_bucket_follow_the_filtered_probabilities():
+    """The decode loop's draw (`decoding._draw`) takes a rank in the bucket and maps it back: every
+    token is one the filter keeps, each drawn about as often as its renormalised probability."""
+    from keras_nanogpt import decoding
+
+    rng = np.random.default_rng(1)
+    vocabulary, rows = 200, 4000
+    logits = rng.normal(0, 1.5, (vocabulary,))
+    row = np.exp(logits) / np.exp(logits).sum()
+    for top_k, top_p in [(5, 1.0), (40, 0.6), (0, 0.4)]:
+        plan = decoding.filter_plan(vocabulary, top_k, top_p)
+        sampler = decoding.filtered_sampler(plan)
+        probabilities = np.broadcast_to(row, (rows, vocabulary)).astype("float32")
+        tokens, _ = decoding._draw(sampler, probabilities, _seeds(sampler, 7), np.array(top_k, "int32"),
+                                   np.array(top_p, "float32"))
+        tokens = to_numpy(tokens)
+        kept = _reference_filter(row[None], top_k, top_p)[0]
+        assert kept[tokens].all(), (top_k, top_p)
+        expected = np.where(kept, row, 0) / np.where(kept, row, 0).sum()
+        counts = np.bincount(tokens, minlength=vocabulary) / rows
+        assert np.abs(counts - expected).max() < 0.04, (top_k, top_p)
+        assert (counts[expected > 0.05] > 0).all()
+    # One batch, each row its own k and p (rows 0 and 1 greedy-like, row 2 all tokens).
+    probabilities = np.broadcast_to(row, (3, vocabulary)).astype("float32")
+    k, p = np.array([1, 64, 0], "int32"), np.array([1.0, 1e-6, 1.0], "float32")
+    plan = decoding.filter_plan(vocabulary, k, p)
+    assert plan == decoding.Filter(vocabulary, True)
+    for seed in range(5):
+        sampler = decoding.filtered_sampler(plan)
+        tokens, _ = decoding._draw(sampler, probabilities, _seeds(sampler, seed), k, p)
+        assert to_numpy(tokens)[:2].tolist() == [int(row.argmax())] * 2
 
 
 def test_stop_strings_end_the_text(sharp_model):
