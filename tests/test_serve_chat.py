@@ -321,3 +321,33 @@ def test_chats_and_completions_share_the_decode_thread_and_keep_their_own_tokens
     assert after["rows"] - before["rows"] == 9
     assert after["batches"] - before["batches"] <= 4  # the greedy chats shared a batch (and so did completions)
     assert after["running"] == 0 and after["waiting"] == 0
+
+
+def test_a_fine_tuned_model_answers_in_its_own_template_streamed_and_not(model):
+    """A model given nanochat's turn tokens and fine-tuned a few steps: the client's replies, streamed and
+    not, are `model.chat`'s with the same seed, ending at its `<|assistant_end|>`."""
+    keras.utils.set_random_seed(5)
+    tuned = kn.chat.add_chat_template(model)
+    tuned.compile()
+    conversations = [[{"role": "user", "content": f"Who is {name}?"}, {"role": "assistant", "content": name}]
+                     for name in ("Jane", "Lydia", "Kitty", "Mary")]
+    tuned.fit(kn.data.chat_dataset(conversations, tuned, CONTEXT, 4, seed=0), epochs=2, verbose=0)
+    assert kn.chat.has_template(tuned) and kn.chat.template_of(tuned).name == "nanochat"
+    settings = dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=4)
+    expected = tuned.chat(MESSAGES, **settings)
+    assert tuned.chat(MESSAGES, max_new_tokens=40, temperature=0) == reference(tuned, MESSAGES, 40, temperature=0)[0][0]
+    running = ThreadServer(serve.create_app(tuned, name=NAME, max_tokens=64))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=WAIT)
+        (card,) = client.models.list().data
+        assert card.model_extra["has_chat_template"] is True and card.model_extra["chat_template"] == "nanochat"
+        arguments = dict(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0.9, seed=4,
+                         extra_body={"top_k": 20})
+        whole = client.chat.completions.create(**arguments)
+        assert whole.choices[0].message.content == expected
+        assert whole.usage.prompt_tokens == len(kn.chat.render(tuned, MESSAGES))
+        streamed = list(client.chat.completions.create(stream=True, **arguments))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+        assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    finally:
+        running.stop()
