@@ -121,11 +121,11 @@ def largest_difference(weights, others):
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(weights, others))
 
 
-def make_sharp_model(char_vectorizer, seed=1, **options):
-    """A small char model with large random weights (`options`: NanoGPT arguments; zero-initialised
-    projections included), so greedy choices are never near-ties."""
+def make_sharp_model(char_vectorizer, seed=1, context=CONTEXT, **options):
+    """A small char model (2 layers, 32 wide, `context` long) with large random weights (`options`: NanoGPT
+    arguments; zero-initialised projections included), so greedy choices are never near-ties."""
     keras.utils.set_random_seed(seed)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer,
+    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), context, 2, 2, 32, vectorizer=char_vectorizer,
                        **options)
     rng = np.random.default_rng(seed)
     for variable in model.weights:

@@ -15,8 +15,6 @@ import shutil
 import time
 
 import httpx
-import keras
-import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 from conftest import CONTEXT, WAIT, ThreadServer, make_sharp_model
@@ -104,12 +102,7 @@ CHAT_CONTEXT = 128  # two turns of the default chat template, whole: more than m
 @pytest.fixture(scope="module")
 def chat_served(char_vectorizer):
     """A context-128 model (large random weights) behind its own server, for the chat template's turns."""
-    keras.utils.set_random_seed(5)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CHAT_CONTEXT, 2, 2, 32, vectorizer=char_vectorizer)
-    rng = np.random.default_rng(5)
-    for variable in model.weights:
-        if len(variable.shape) == 2:
-            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
+    model = make_sharp_model(char_vectorizer, seed=5, context=CHAT_CONTEXT)
     running = ThreadServer(serve.create_app(model, name=NAME, max_tokens=2000))
     yield running, model
     running.stop()

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import openai
 import pytest
-from conftest import WAIT, ThreadServer
+from conftest import WAIT, ThreadServer, make_sharp_model
 
 import keras_nanogpt as kn
 from keras_nanogpt import serve
@@ -33,13 +33,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def model(char_vectorizer):
     """A 2-layer, 32-wide char model with context 64 and large random weights."""
-    keras.utils.set_random_seed(3)
-    model = kn.NanoGPT(char_vectorizer.vocabulary_size(), CONTEXT, 2, 2, 32, vectorizer=char_vectorizer)
-    rng = np.random.default_rng(3)
-    for variable in model.weights:
-        if len(variable.shape) == 2:
-            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
-    return model
+    return make_sharp_model(char_vectorizer, seed=3, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
