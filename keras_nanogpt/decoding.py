@@ -1,7 +1,9 @@
-"""The decode loop's device side, in `keras.ops` only: one token's step, sampling with keras-hub's samplers
-(their seed state passed in and out) after top-k and top-p as tensor inputs (`filter_probabilities`; a
-`Filter`, static, says how many tokens are ranked and whether top_p applies: a handful of compiled loops
-serve every temperature, `top_k` and `top_p`), stop-sequence matching, and the search samplers' loop.
+"""The decode loop's device side, in `keras.ops` only: one token's step, sampling (keras-hub's samplers after
+top-k and top-p as tensor inputs), stop-sequence matching, and the search samplers' loop.
+
+Sampling values are inputs, not constants: a static `Filter` says how many tokens are ranked and whether
+top_p applies, so a handful of compiled loops serve every temperature, `top_k` and `top_p`
+(`filter_probabilities`); the samplers' seed state is passed in and out.
 
 `keras_nanogpt.generation` runs these on the host's windows; `keras_nanogpt.backends` compiles them
 (`jax.jit`, `tf.function(jit_compile=True)`, or on PyTorch one token's step traced or compiled by
