@@ -162,10 +162,7 @@ def main(argv=None):
             if args.chat:
                 levels = chat_levels(url, bodies, model_path, args)
             else:
-                warm = 1
-                while warm <= max(args.levels):  # compile every padded batch size before timing
-                    asyncio.run(run_level(url, bodies[:warm], warm, args.timeout))
-                    warm *= 2
+                warm_up(url, bodies, args)
                 levels = []
                 for clients in args.levels:
                     results, wall = asyncio.run(run_level(url, bodies, clients, args.timeout))
@@ -185,6 +182,14 @@ def main(argv=None):
                       "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                       "requests_per_level": args.requests, "levels": levels,
                       "load_average": {"start": load_start, "end": _common.load_averages()}}, indent=1))
+
+
+def warm_up(url, bodies, args):
+    """Send 1, 2, 4, ... of `bodies` at once up to the largest level: every padded batch size compiles before timing."""
+    warm = 1
+    while warm <= max(args.levels):
+        asyncio.run(run_level(url, bodies[:warm], warm, args.timeout))
+        warm *= 2
 
 
 def chat_bodies(bodies, model_path):
@@ -208,10 +213,7 @@ def chat_levels(url, bodies, model_path, args):
     """Per level: completions of the rendered prompts and the chats, in turn; tokens/s side by side."""
     chats, completions = chat_bodies(bodies, model_path)
     for kind in (completions, chats):
-        warm = 1
-        while warm <= max(args.levels):  # compile every padded batch size before timing
-            asyncio.run(run_level(url, kind[:warm], warm, args.timeout))
-            warm *= 2
+        warm_up(url, kind, args)
     levels = []
     for clients in args.levels:
         level = {"clients": clients}

@@ -164,12 +164,16 @@ class _Service:
         return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` with the key "
                              "the server was started with (--api-key).", code="invalid_api_key")
 
+    async def _params(self, request, read_params):
+        """The request's checked parameters (`read_params`: `completion_params` or `chat_params`); APIError if not."""
+        if (error := self._unauthorized(request)) is not None:
+            raise error
+        body = await read_body(request, self.max_body_bytes)
+        return read_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
+
     async def completions(self, request):
         try:
-            if (error := self._unauthorized(request)) is not None:
-                raise error
-            body = await read_body(request, self.max_body_bytes)
-            params = completion_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
+            params = await self._params(request, completion_params)
             job = batching.Request(params["prompts"], params["n"], params["max_tokens"], params["sampling"], None)
             return await self._complete(request, params, job, _Completion)
         except APIError as error:
@@ -177,10 +181,7 @@ class _Service:
 
     async def chat_completions(self, request):
         try:
-            if (error := self._unauthorized(request)) is not None:
-                raise error
-            body = await read_body(request, self.max_body_bytes)
-            params = chat_params(parse_json(body), self.name, self.max_tokens, self.batcher.max_batch)
+            params = await self._params(request, chat_params)
             sampling = params["sampling"]
             sampling = dataclasses.replace(sampling, stop=self.chat_stop + sampling.stop)
             job = batching.Request(None, params["n"], params["max_tokens"], sampling, None,
