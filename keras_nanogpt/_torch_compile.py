@@ -14,7 +14,9 @@ probabilities) is instead:
    caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step);
 3. or, on CPU in the default mode, run from the step's AOTInductor package where one is on disk
    (`_torch_aot`: loaded in milliseconds, no tracing or compiling in this process). The first call
-   that traces or compiles a step starts a background builder for its package (`_request_package`).
+   that traces a step starts a background builder for its package (`_request_package`); until the
+   package is on disk the step stays a traced graph (TorchInductor here would take the CPU from the
+   builder, for a function the package then replaces).
 
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
@@ -134,9 +136,9 @@ class _Step:
             return "package"
         return "compiled" if self.function else "graph" if self.graph else "eager"
 
-    def next_level(self, mode, remaining):
+    def next_level(self, mode, remaining, awaiting_package=False):
         """The level to move to now under `mode` ("graph" or "compiled"), with `remaining` tokens to
-        go, or None to stay."""
+        go, or None to stay; never "compiled" while `awaiting_package` (its builder is or may be at work)."""
         level = self.level()
         if level in ("package", "compiled") or mode == "never":
             return None
@@ -147,7 +149,7 @@ class _Step:
         if self.steps[level] < 2:  # measure this level's rate first (its first step has one-off costs)
             return None
         saved = self.seconds[level] * (1 + remaining / (self.steps[level] - 1))
-        if not self.failed and saved >= expected_compile_seconds(self.key):
+        if not (self.failed or awaiting_package) and saved >= expected_compile_seconds(self.key):
             return "compiled"
         if level == "eager" and saved >= expected_trace_seconds():
             return "graph"
@@ -207,15 +209,17 @@ class Decoder:
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             layout = _Layout(len(weights), 2 * len(state.cache))
+            awaiting = False  # the step's package may come: TorchInductor in this process would only compete with it
             if device.type == "cpu" and (mode == "auto" or _torch_aot.builds_in_process()) and _torch_aot.enabled():
                 self._find_package(step, _flatten(weights, state._replace(
                     index=torch.tensor(index, dtype=torch.int32)), rows, token, write), layout)
+                awaiting = step.package is None and _torch_aot.can_build(step.package_key)
             if device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
                 for tensor in weights + _flat_cache(state.cache):
                     torch._dynamo.mark_static_address(tensor, guard=False)
             while True:
                 state = state._replace(index=torch.tensor(index, dtype=torch.int32, device=device))
-                target = step.next_level(mode, last - index)
+                target = step.next_level(mode, last - index, awaiting)
                 if target:
                     self._move_up(step, target, _flatten(weights, state, rows, token, write), layout)
                 level = step.level()
@@ -286,7 +290,6 @@ class Decoder:
                 self.on_compile()
                 self._request_package(step, example, layout)
                 return
-            self._request_package(step, example, layout)
             try:
                 step.function = _compiled_step(self.model, self.parts.step, layout, example, step.graph)
             except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was

@@ -83,16 +83,28 @@ def built(aot):
     first_seconds = time.perf_counter() - start
     assert levels(model) == {"graph"}
     spawned = _torch_aot.counters["spawned"] - before["spawned"]
+    policy = builder_policy(_torch_aot._builders[0][0].pid)
     codes = _torch_aot.wait_for_builders(timeout=BUILD_SECONDS)
     packages = sorted(aot.glob("*.pt2"))
     return dict(model=model, eager=eager, first=first, first_seconds=first_seconds, spawned=spawned, codes=codes,
+                policy=policy,
                 packages=packages, logs=[p.read_text()[-3000:] for p in aot.glob("*.log")] + [
                     p.read_text()[-3000:] for p in aot.glob("*.failed")])
+
+
+def builder_policy(pid, seconds=10):
+    """The builder's scheduling policy once `chrt` has set it (its pid stays through `chrt` and `nice`)."""
+    deadline = time.monotonic() + seconds
+    while os.sched_getscheduler(pid) != os.SCHED_IDLE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
 
 
 def test_first_call_traces_and_builds_the_package_in_the_background(built, aot):
     assert built["first"] == built["eager"]  # served by the traced graph, not waiting for the build
     assert built["spawned"] == 1
+    if shutil.which("chrt") and shutil.which("nice"):
+        assert built["policy"] == (os.SCHED_IDLE, 19)  # the lowest priority there is
     assert built["codes"] == [0], built["logs"]
     (package,) = built["packages"]
     sidecar = json.loads(package.with_suffix(".json").read_text())
@@ -228,22 +240,33 @@ def test_without_a_compiler_one_warning_and_no_builder(tmp_path, monkeypatch):
     assert not _torch_aot.compiler_available()
 
 
-def test_a_call_that_compiles_in_the_process_starts_the_builder_too(built, monkeypatch):
-    """Where the ski rental goes from the eager step straight to TorchInductor (no trace), the package's
-    builder starts all the same (TorchInductor stood in by the traced graph here: no compiler run)."""
+def test_no_compilation_in_the_process_while_the_package_can_come(built, monkeypatch):
+    """Where the ski rental would compile the step with TorchInductor, a step whose package can be built stays a
+    traced graph and its builder starts; once its build has failed, it compiles (TorchInductor stood in by the
+    traced graph here: no compiler run)."""
     from keras_nanogpt import _torch_aot, _torch_compile
 
     monkeypatch.setattr(_torch_compile, "expected_compile_seconds", lambda key: 0.0)
     monkeypatch.setattr(_torch_compile, "_compiled_step", lambda model, step, layout, example, graph=None:
                         _torch_compile._traced_step(model, step, layout, example))
-    before = _torch_aot.counters["spawned"]
+    batch = np.array([[3, 1, 4], [1, 5, 9]], "int32")  # a new shape: no package for it
+    before, compilations = _torch_aot.counters["spawned"], len(_torch_compile.compile_log)
     model = make_model(3)
+    monkeypatch.setenv("KERAS_NANOGPT_TORCH_COMPILE", "auto")
+    failure = None
     try:
-        os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = "auto"
-        batch = np.array([[3, 1, 4], [1, 5, 9]], "int32")  # a new shape: no package for it
-        assert (model.generate(batch, max_new_tokens=12, temperature=0) == model.generate(
-            batch, max_new_tokens=12, temperature=0)).all()
-        assert levels(model) == {"compiled"} and _torch_aot.counters["spawned"] == before + 1
-    finally:
-        del os.environ["KERAS_NANOGPT_TORCH_COMPILE"]
+        tokens = model.generate(batch, max_new_tokens=12, temperature=0)
+        assert levels(model) == {"graph"} and len(_torch_compile.compile_log) == compilations
+        assert _torch_aot.counters["spawned"] == before + 1
         _torch_aot.stop_builders()
+        (step,) = model._kn_compiled.steps.values()
+        failure = _torch_aot.paths(step.package_key)[3]
+        open(failure, "w").close()  # its build failed: no package will come
+        model = make_model(3)
+        with pytest.warns(RuntimeWarning, match="failed before"):
+            assert (model.generate(batch, max_new_tokens=12, temperature=0) == tokens).all()
+        assert levels(model) == {"compiled"} and len(_torch_compile.compile_log) == compilations + 1
+    finally:
+        _torch_aot.stop_builders()
+        if failure:
+            os.remove(failure)
