@@ -71,8 +71,9 @@ def aot(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(aot):
-    """The first call: the traced graph serves it and a background builder makes the package; then waited for."""
+def built(aot, tmp_path_factory):
+    """The first call: the traced graph serves it and a background builder makes the package; a second builder
+    of the same package runs at the same time (as where a stale lock was taken over); both waited for."""
     from keras_nanogpt import _torch_aot
 
     model = make_model(3)
@@ -83,13 +84,27 @@ def built(aot):
     first_seconds = time.perf_counter() - start
     assert levels(model) == {"graph"}
     spawned = _torch_aot.counters["spawned"] - before["spawned"]
+    (step,) = model._kn_compiled.steps.values()
+    spec = aot / f"{step.package_key}.spec"  # the decode step's (the prefill's builder runs too)
+    twin_spec = tmp_path_factory.mktemp("twin") / spec.name  # its own copy: the first builder removes its spec
+    shutil.copy(spec, twin_spec)
+    twin = subprocess.Popen([sys.executable, "-m", "keras_nanogpt._torch_aot_build", str(twin_spec)],
+                            env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     policy = builder_policy(_torch_aot._builders[0][0].pid)
     codes = _torch_aot.wait_for_builders(timeout=BUILD_SECONDS)
+    twin_output = twin.communicate(timeout=BUILD_SECONDS)[0]
     packages = sorted(aot.glob("*.pt2"))
-    return dict(model=model, eager=eager, first=first, first_seconds=first_seconds, spawned=spawned, codes=codes,
-                policy=policy,
-                packages=packages, logs=[p.read_text()[-3000:] for p in aot.glob("*.log")] + [
+    (prefill_key,) = model._kn_compiled.kept["prefill"].keys.values()
+    return dict(step_key=step.package_key, prefill_key=prefill_key, model=model, eager=eager, first=first, first_seconds=first_seconds, spawned=spawned, codes=codes,
+                policy=policy, twin=(twin.returncode, twin_output[-3000:]), packages=packages,
+                logs=[p.read_text()[-3000:] for p in aot.glob("*.log")] + [
                     p.read_text()[-3000:] for p in aot.glob("*.failed")])
+
+
+def builder_env():
+    """This process's environment for a process of the package's own (a builder, a fresh program)."""
+    return dict(os.environ, KERAS_BACKEND="torch", KERAS_NANOGPT_AOT="1",
+                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def builder_policy(pid, seconds=10):
@@ -102,14 +117,45 @@ def builder_policy(pid, seconds=10):
 
 def test_first_call_traces_and_builds_the_package_in_the_background(built, aot):
     assert built["first"] == built["eager"]  # served by the traced graph, not waiting for the build
-    assert built["spawned"] == 1
+    assert built["spawned"] == 2  # the decode step's builder and the prefill's
     if shutil.which("chrt") and shutil.which("nice"):
         assert built["policy"] == (os.SCHED_IDLE, 19)  # the lowest priority there is
-    assert built["codes"] == [0], built["logs"]
-    (package,) = built["packages"]
-    sidecar = json.loads(package.with_suffix(".json").read_text())
-    assert sidecar["key"] == package.stem and len(sidecar["sha256"]) == 64
+    assert built["codes"] == [0, 0], built["logs"]
+    assert sorted(p.stem for p in built["packages"]) == sorted([built["step_key"], built["prefill_key"]])
+    for package in built["packages"]:
+        sidecar = json.loads(package.with_suffix(".json").read_text())
+        assert sidecar["key"] == package.stem and len(sidecar["sha256"]) == 64
     assert not list(aot.glob("*.building")) and not list(aot.glob("*.spec"))  # the builder cleaned up
+
+
+def test_two_builders_of_one_package_at_once_leave_one_whole_package(built, aot):
+    from keras_nanogpt import _torch_aot
+
+    assert built["twin"][0] == 0, built["twin"][1]
+    assert sorted(p.name for p in aot.iterdir()) == sorted(  # one package each, no temporary files left
+        f"{key}{suffix}" for key in (built["step_key"], built["prefill_key"]) for suffix in (".pt2", ".json"))
+    assert _torch_aot._problem(built["step_key"]) is None  # its sidecar names it and its checksum holds
+    assert _torch_aot.load(built["step_key"]) is not None
+
+
+def test_one_of_many_processes_claiming_a_builder_lock_at_once_gets_it(tmp_path):
+    import multiprocessing
+
+    from keras_nanogpt import _torch_aot
+
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(4), context.Queue()
+
+    def claim():
+        barrier.wait()
+        results.put(_torch_aot._claim(str(tmp_path / "key.building")))
+
+    processes = [context.Process(target=claim) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert sorted(results.get(timeout=10) for _ in processes) == [False, False, False, True]
 
 
 def test_the_next_call_runs_the_package_equal_to_eager_and_a_recompute(built):
@@ -117,9 +163,9 @@ def test_the_next_call_runs_the_package_equal_to_eager_and_a_recompute(built):
 
     model, loaded = built["model"], _torch_aot.counters["loaded"]
     assert generate(model) == built["eager"]  # 30 tokens: past the context, the window slides
-    assert levels(model) == {"package"} and _torch_aot.counters["loaded"] == loaded + 1
+    assert levels(model) == {"package"} and _torch_aot.counters["loaded"] == loaded + 2  # the step, the prefill
     assert generate(model, tokens=10) == recompute(model, 10)
-    assert _torch_aot.counters["loaded"] == loaded + 1  # loaded once per model and step
+    assert _torch_aot.counters["loaded"] == loaded + 2  # loaded once per model and function
     assert model._kn_compiled.traces == 1  # the first call's trace only
 
 
@@ -137,14 +183,23 @@ def test_a_fresh_process_loads_the_package_and_compiles_nothing(built, aot, tmp_
         "levels = sorted({s.level() for s in model._kn_compiled.steps.values()})\n"
         "print(json.dumps(dict(tokens=tokens, counters=_torch_aot.counters, levels=levels,\n"
         "                      traces=model._kn_compiled.traces, seconds=seconds)))\n")
-    env = dict(os.environ, KERAS_BACKEND="torch", KERAS_NANOGPT_AOT="1", KERAS_NANOGPT_AOT_DIR=str(aot),
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=builder_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["tokens"] == built["eager"]
     assert report["levels"] == ["package"] and report["traces"] == 0  # nothing traced, nothing compiled
-    assert report["counters"] == {"loaded": 1, "built": 0, "spawned": 0, "rejected": 0}
+    assert report["counters"] == {"loaded": 2, "built": 0, "spawned": 0, "rejected": 0}
+
+
+def test_streaming_runs_the_packages(built, monkeypatch):
+    """`stream` (and so the server, which decodes through it) loads the step's and the prefill's packages."""
+    from keras_nanogpt import _torch_aot
+
+    monkeypatch.setenv("KERAS_NANOGPT_TORCH_COMPILE", "auto")
+    model, before = make_model(3), dict(_torch_aot.counters)
+    pieces = list(model.stream(PROMPT, max_new_tokens=30, temperature=0))
+    assert len(pieces) == 30 and levels(model) == {"package"}
+    assert _torch_aot.counters["loaded"] == before["loaded"] + 2 and _torch_aot.counters["spawned"] == before["spawned"]
 
 
 def test_new_weights_reuse_the_package(built, aot):
@@ -154,26 +209,29 @@ def test_new_weights_reuse_the_package(built, aot):
     before = dict(_torch_aot.counters)
     tokens = generate(other)
     assert levels(other) == {"package"}
-    assert _torch_aot.counters["loaded"] == before["loaded"] + 1
-    assert _torch_aot.counters["spawned"] == before["spawned"] and len(list(aot.glob("*.pt2"))) == 1
+    assert _torch_aot.counters["loaded"] == before["loaded"] + 2
+    assert _torch_aot.counters["spawned"] == before["spawned"] and len(list(aot.glob("*.pt2"))) == 2
     assert tokens == generate(other, "never") and tokens != built["eager"]  # the new weights' tokens
     other.set_weights([w * 1.5 for w in other.get_weights()])  # changed in place: the same model object
     assert generate(other) == generate(other, "never")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "checksum", "foreign", "stale", "unreadable"])
 def test_a_damaged_package_warns_and_is_built_again(built, aot, damage):
     from keras_nanogpt import _torch_aot
 
-    (package,) = built["packages"]
+    package = aot / f"{built['step_key']}.pt2"
     sidecar = package.with_suffix(".json")
     saved = {path: path.read_bytes() for path in (package, sidecar)}
     try:
+        meta = json.loads(saved[sidecar])
         if damage == "truncated":
             package.write_bytes(saved[package][:len(saved[package]) // 2])
-        else:
-            meta = json.loads(saved[sidecar])
-            sidecar.write_text(json.dumps({**meta, "key": "0" * 32}))
+        elif damage == "unreadable":
+            sidecar.write_text("{not json")
+        else:  # a sidecar with another checksum, another package's key, an older layout
+            changed = {"checksum": {"sha256": "0" * 64}, "foreign": {"key": "0" * 32}, "stale": {"format": 0}}
+            sidecar.write_text(json.dumps({**meta, **changed[damage]}))
         before = dict(_torch_aot.counters)
         model = make_model(3)
         with pytest.warns(RuntimeWarning, match="ignored and will be built again"):
@@ -181,10 +239,26 @@ def test_a_damaged_package_warns_and_is_built_again(built, aot, damage):
         assert levels(model) == {"graph"}
         assert _torch_aot.counters["rejected"] == before["rejected"] + 1
         assert _torch_aot.counters["spawned"] == before["spawned"] + 1  # building it again
+        assert _torch_aot.counters["loaded"] == before["loaded"] + 1  # the prefill's package, whole
     finally:
         _torch_aot.stop_builders()  # this test's builder: ended, not left to outlive the folder
         for path, data in saved.items():
             path.write_bytes(data)
+
+
+def test_another_torch_version_has_a_package_of_its_own(built, aot, monkeypatch):
+    import torch
+
+    from keras_nanogpt import _torch_aot
+
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    model, before = make_model(3), dict(_torch_aot.counters)
+    try:
+        assert generate(model) == built["eager"]
+        assert levels(model) == {"graph"} and _torch_aot.counters["loaded"] == before["loaded"]
+        assert _torch_aot.counters["spawned"] == before["spawned"] + 2  # its own packages, under other keys
+    finally:
+        _torch_aot.stop_builders()
 
 
 def test_the_opt_out_neither_loads_nor_builds(built, monkeypatch):
@@ -199,7 +273,7 @@ def test_the_opt_out_neither_loads_nor_builds(built, monkeypatch):
 
 def test_compile_packages_finds_the_package_there(built):
     report = kn.generation.compile_packages(make_model(3), batch_sizes=[1], windows=[16], sampling=["greedy"])
-    assert (report["packages"], report["built"], report["loaded"]) == (1, 0, 1)
+    assert (report["packages"], report["built"], report["loaded"]) == (2, 0, 2)  # the step's and the prefill's
     with pytest.raises(ValueError, match="windows.*24"):
         kn.generation.compile_packages(built["model"], windows=[24])
 
@@ -257,7 +331,7 @@ def test_no_compilation_in_the_process_while_the_package_can_come(built, monkeyp
     try:
         tokens = model.generate(batch, max_new_tokens=12, temperature=0)
         assert levels(model) == {"graph"} and len(_torch_compile.compile_log) == compilations
-        assert _torch_aot.counters["spawned"] == before + 1
+        assert _torch_aot.counters["spawned"] == before + 2  # the step's builder and the prefill's
         _torch_aot.stop_builders()
         (step,) = model._kn_compiled.steps.values()
         failure = _torch_aot.paths(step.package_key)[3]
