@@ -14,7 +14,9 @@ new greedy tokens. All in a fresh package folder (a temporary one unless `--aot-
 2. `compile_s`: `kn.generation.compile_packages` for the other batch sizes in one process (the in-process
    build time of each package it builds, and its whole run).
 3. `first_call_with_package` and nanoGPT's first call, each in a fresh process (the best of `--fresh` each).
-4. Steady state, after one warm-up call each, side by side in one process with rounds alternating:
+4. `prefill`: the prefill alone (one prompt bucket after another, `--prefill-buckets`), eagerly (today's path
+   without a package, and on "trace") against its package (built in the process first): medians of 30 calls.
+5. Steady state, after one warm-up call each, side by side in one process with rounds alternating:
    `package` (the default "auto" with the package on disk), `traced` (KERAS_NANOGPT_TORCH_COMPILE=trace),
    `eager` (=never) and `nanogpt`; batch 1 and 8. Ratios compare medians.
 
@@ -47,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--fresh", type=int, default=2, help="fresh processes per first-call figure (best of)")
     parser.add_argument("--building-calls", type=int, default=100,
                         help="while_building: at most this many calls while the builder runs")
-    parser.add_argument("--parts", default="while_building,compile,first,steady",
+    parser.add_argument("--prefill-buckets", default="16,128", help="prefill: prompt lengths (powers of two)")
+    parser.add_argument("--parts", default="while_building,compile,first,prefill,steady",
                         help="which of the parts below to run (first: the fresh-process first calls)")
     parser.add_argument("--aot-dir", default=None, help="the package folder (default: a new temporary one)")
     _common.add_nanogpt_arguments(parser)
@@ -76,6 +79,8 @@ def main():
             results["first_call_fresh_process_s"] = {
                 name: min(worker(name)["seconds"] for _ in range(args.fresh))
                 for name in ("first_with", "first_nanogpt" if args.nanogpt else None) if name}
+        if "prefill" in parts:
+            results["prefill"] = worker("prefill")
         if "steady" in parts:
             results["steady"] = worker("steady")
         results["packages"] = sorted(n for n in os.listdir(folder) if n.endswith(".pt2"))
@@ -197,6 +202,37 @@ def _nanogpt(args, prompt):
                                      num_heads=HEADS, hidden_dim=WIDTH)
 
 
+def prefill(args):
+    """The prefill alone, eagerly and from its package, bucket by bucket."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from keras_nanogpt import _torch_aot, _torch_compile, decoding
+
+    model, runs = _model(args), []
+    for length in (int(b) for b in args.prefill_buckets.split(",")):
+        tokens = torch.from_numpy(_prompt(args, 1)[:, :1].repeat(length, axis=1))
+        cache = model.empty_cache(1)
+        eager, packaged = decoding.prefill(model), _torch_compile.Prefill(model)
+        with _torch_aot.building_now():
+            start = time.perf_counter()
+            packaged(tokens, cache)  # builds its package in the process (or loads it)
+            build = time.perf_counter() - start
+        times = {}
+        with torch.no_grad():
+            for name, method in (("eager", eager), ("package", packaged)):
+                method(tokens, cache)
+                times[name] = statistics.median([_seconds(method, tokens, cache) for _ in range(30)]) * 1000
+            same = all(np.allclose(a.numpy(), b.numpy(), atol=1e-5) for a, b in zip(
+                sum(eager(tokens, cache), ()), sum(packaged(tokens, cache), ())))
+        runs.append({"prompt_bucket": length, "ms": {k: round(v, 2) for k, v in times.items()},
+                     "speedup_of_package": round(times["eager"] / times["package"], 1),
+                     "package_build_s": round(build, 1), "same_cache": same})
+    return {"runs": runs, "counters": _torch_aot.counters, "load_average": _common.load_average()}
+
+
 def _in_mode(mode, method):
     def run():
         os.environ["KERAS_NANOGPT_TORCH_COMPILE"] = mode
@@ -244,7 +280,7 @@ def steady(args):
 
 
 WORKERS = {"traced_fresh": traced_fresh, "no_package": no_package, "compile": compile_packages, "first_with": first_with,
-           "first_nanogpt": first_nanogpt, "steady": steady}
+           "first_nanogpt": first_nanogpt, "prefill": prefill, "steady": steady}
 
 if __name__ == "__main__":
     sys.exit(main())
