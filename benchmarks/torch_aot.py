@@ -206,6 +206,7 @@ def prefill(args):
     """The prefill alone, eagerly and from its package, bucket by bucket."""
     import statistics
 
+    import keras
     import numpy as np
     import torch
 
@@ -213,7 +214,7 @@ def prefill(args):
 
     model, runs = _model(args), []
     for length in (int(b) for b in args.prefill_buckets.split(",")):
-        tokens = torch.from_numpy(_prompt(args, 1)[:, :1].repeat(length, axis=1))
+        tokens = keras.ops.convert_to_tensor(_prompt(args, 1)[:, :1].repeat(length, axis=1))  # the model's device
         cache = model.empty_cache(1)
         eager, packaged = decoding.prefill(model), _torch_compile.Prefill(model)
         with _torch_aot.building_now():
@@ -225,7 +226,7 @@ def prefill(args):
             for name, method in (("eager", eager), ("package", packaged)):
                 method(tokens, cache)
                 times[name] = statistics.median([_seconds(method, tokens, cache) for _ in range(30)]) * 1000
-            same = all(np.allclose(a.numpy(), b.numpy(), atol=1e-5) for a, b in zip(
+            same = all(np.allclose(a.cpu().numpy(), b.cpu().numpy(), atol=1e-5) for a, b in zip(
                 sum(eager(tokens, cache), ()), sum(packaged(tokens, cache), ())))
         runs.append({"prompt_bucket": length, "ms": {k: round(v, 2) for k, v in times.items()},
                      "speedup_of_package": round(times["eager"] / times["package"], 1),
