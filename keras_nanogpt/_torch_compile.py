@@ -1,5 +1,6 @@
 """PyTorch backend only: generation's decode loop, one token's step run as a traced ATen graph,
-compiled by TorchInductor where that pays, or run eagerly where neither does.
+compiled by TorchInductor where that pays, or run eagerly where neither does (and its prefill,
+`Prefill`: eagerly or from an AOTInductor package).
 
 Run eagerly, a token costs Keras's Python overhead for each of its ~44 layer calls (5-10 ms a token
 at 4 layers x 128 wide on two CPU cores), far more than its arithmetic. The step

@@ -1,10 +1,13 @@
-"""PyTorch only: the decode step's AOTInductor packages (keras_nanogpt/_torch_aot.py): built once in the
-background by a detached builder while the traced graph serves, loaded by the next call and by a fresh
-process, token for token equal to the eager step and a full recompute, reused by new weights; a corrupt
-or foreign package warns and is built again; the opt-out, the size cap and the missing compiler.
+"""PyTorch only: the decode step's and the prefill's AOTInductor packages (keras_nanogpt/_torch_aot.py): built
+once in the background by detached builders at the lowest priority while the traced graph serves (never
+TorchInductor in the process meanwhile), loaded by the next call, a fresh process, `stream` and the server,
+token for token equal to the eager step and a full recompute, reused by new weights; two builders of one
+package at once leave one whole package; a truncated, wrongly summed, foreign, stale or unreadable package
+warns and is built again; another torch version has its own; the opt-out, the size cap, the missing compiler.
 
-One package is built for the whole module (a 1-layer, 16-wide model: tens of seconds); every builder a
-test starts is waited for or ended before its test's folder goes."""
+Two packages (the step's and the prefill's) are built for the whole module (a 1-layer, 16-wide model: tens
+of seconds), a second builder of the step's beside them; every builder a test starts is waited for or ended
+before its test's folder goes."""
 
 import json
 import os
@@ -17,7 +20,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, ThreadServer
 
 import keras_nanogpt as kn
 
@@ -201,6 +204,28 @@ def test_streaming_runs_the_packages(built, monkeypatch):
     model, before = make_model(3), dict(_torch_aot.counters)
     pieces = list(model.stream(PROMPT, max_new_tokens=30, temperature=0))
     assert len(pieces) == 30 and levels(model) == {"package"}
+    assert _torch_aot.counters["loaded"] == before["loaded"] + 2 and _torch_aot.counters["spawned"] == before["spawned"]
+
+
+def test_the_server_runs_the_packages(built, monkeypatch):
+    """A server's greedy completion of one row loads the same two packages (the vectorizer is not in the key)."""
+    import httpx
+
+    from keras_nanogpt import _torch_aot, serve
+
+    vectorizer = kn.data.make_vectorizer("abcdefghijklmnopqrstuv", level="char")  # 22 characters, 24 ids
+    assert vectorizer.vocabulary_size() == CONFIG["vocabulary_size"]
+    keras.utils.set_random_seed(3)
+    model = kn.NanoGPT(**CONFIG, vectorizer=vectorizer)
+    monkeypatch.setenv("KERAS_NANOGPT_TORCH_COMPILE", "auto")
+    before = dict(_torch_aot.counters)
+    server = ThreadServer(serve.create_app(model, name="tiny"))
+    try:
+        reply = httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": "abcde", "max_tokens": 30, "temperature": 0})
+    finally:
+        server.stop()
+    assert reply.status_code == 200 and levels(model) == {"package"}
     assert _torch_aot.counters["loaded"] == before["loaded"] + 2 and _torch_aot.counters["spawned"] == before["spawned"]
 
 
