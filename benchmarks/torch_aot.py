@@ -149,7 +149,8 @@ def no_package(args):
         if level == "package" or (len(calls) > 1 and not running):  # loaded, or it will not come
             break
     codes = _torch_aot.wait_for_builders(timeout=1800)
-    packages = [os.path.join(_torch_aot.directory(), n) for n in os.listdir(_torch_aot.directory()) if n.endswith(".pt2")]
+    folder = _torch_aot.directory()
+    packages = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pt2")]
     return {"calls": calls, "builder_exit_codes": codes, "counters": _torch_aot.counters,
             "background_build_s": round(os.path.getmtime(packages[0]) - start, 1) if packages else None,
             "load_average": _common.load_average()}
@@ -280,8 +281,8 @@ def steady(args):
     return run
 
 
-WORKERS = {"traced_fresh": traced_fresh, "no_package": no_package, "compile": compile_packages, "first_with": first_with,
-           "first_nanogpt": first_nanogpt, "prefill": prefill, "steady": steady}
+WORKERS = {"traced_fresh": traced_fresh, "no_package": no_package, "compile": compile_packages,
+           "first_with": first_with, "first_nanogpt": first_nanogpt, "prefill": prefill, "steady": steady}
 
 if __name__ == "__main__":
     sys.exit(main())

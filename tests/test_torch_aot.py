@@ -98,8 +98,9 @@ def built(aot, tmp_path_factory):
     twin_output = twin.communicate(timeout=BUILD_SECONDS)[0]
     packages = sorted(aot.glob("*.pt2"))
     (prefill_key,) = model._kn_compiled.kept["prefill"].keys.values()
-    return dict(step_key=step.package_key, prefill_key=prefill_key, model=model, eager=eager, first=first, first_seconds=first_seconds, spawned=spawned, codes=codes,
-                policy=policy, twin=(twin.returncode, twin_output[-3000:]), packages=packages,
+    return dict(step_key=step.package_key, prefill_key=prefill_key, model=model, eager=eager, first=first,
+                first_seconds=first_seconds, spawned=spawned, codes=codes, policy=policy,
+                twin=(twin.returncode, twin_output[-3000:]), packages=packages,
                 logs=[p.read_text()[-3000:] for p in aot.glob("*.log")] + [
                     p.read_text()[-3000:] for p in aot.glob("*.failed")])
 
@@ -188,7 +189,8 @@ def test_a_fresh_process_loads_the_package_and_compiles_nothing(built, aot, tmp_
         "levels = sorted({s.level() for s in model._kn_compiled.steps.values()})\n"
         "print(json.dumps(dict(tokens=tokens, counters=_torch_aot.counters, levels=levels,\n"
         "                      traces=model._kn_compiled.traces, seconds=seconds)))\n")
-    done = subprocess.run([sys.executable, "-c", script], env=builder_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=builder_env(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["tokens"] == built["eager"]
