@@ -1,11 +1,12 @@
 """PyTorch backend only: the background builder of one AOTInductor package (`python -m
 keras_nanogpt._torch_aot_build SPEC`), started by `_torch_aot.spawn` at the lowest priority.
 
-It rebuilds the model and the sampler from their configs in the spec file (the model's own Keras code:
-no copy of it), traces the decode step for the spec's inputs with the model's fresh weights (the
-package takes weights as inputs, so their values do not matter), compiles it (`_torch_compile.build_package`)
-and removes its lock and spec. A failure leaves `KEY.failed` with the error, so no process tries again
-until that file is removed; the builder's output is kept in `KEY.log`.
+It rebuilds the model (and for a decode step the sampler) from their configs in the spec file (the model's
+own Keras code: no copy of it; its variables on the spec's device, so a model on a GPU gets a CUDA
+package), traces the decode step or the prefill for the spec's inputs with the model's fresh weights (the
+package takes weights as inputs, so their values do not matter), compiles it
+(`_torch_compile.build_package`) and removes its lock and spec. A failure leaves `KEY.failed` with the
+error, so no process tries again until that file is removed; the builder's output is kept in `KEY.log`.
 
 Example:
     >>> main(["/home/me/.keras/keras_nanogpt/aot/0123abcd.spec"])  # doctest: +SKIP
@@ -25,20 +26,23 @@ from keras_nanogpt import model as _model  # noqa: F401  (registers NanoGPT and 
 
 
 def build_from_spec(spec_path):
-    """Build the package that the spec file `spec_path` (`Decoder._write_spec`'s) describes; returns its path."""
+    """Build the package that the spec file `spec_path` (`_torch_compile._write_spec`'s) describes; returns its path."""
     key = os.path.basename(spec_path)[:-len(".spec")]
     spec = torch.load(spec_path, weights_only=False)
-    model = keras.saving.deserialize_keras_object(spec["model"])
-    sampler = keras_hub.samplers.deserialize(spec["sampler"])
+    with keras.device(spec["device"]):
+        model = keras.saving.deserialize_keras_object(spec["model"])
     weights = [variable.value.detach() for variable in model.variables]
     found = [(tuple(t.shape), str(t.dtype)) for t in weights]
     if found != [tuple(w) for w in spec["weights"]]:
-        raise ValueError(f"the model rebuilt from its config has other weights than the step's: {found} "
+        raise ValueError(f"the model rebuilt from its config has other weights than the spec's: {found} "
                          f"against {spec['weights']}")
-    layout = _torch_compile._Layout(*spec["layout"])
-    parts = decoding.token_step(model, sampler)
+    if spec["kind"] == "prefill":
+        function = _torch_compile._flat_prefill(model, len(weights))
+    else:
+        parts = decoding.token_step(model, keras_hub.samplers.deserialize(spec["sampler"]))
+        function = _torch_compile._flat_step(model, parts.step, _torch_compile._Layout(*spec["layout"]))
     with torch.no_grad():
-        return _torch_compile.build_package(key, model, parts.step, weights + list(spec["inputs"]), layout)
+        return _torch_compile.build_package(key, function, weights + list(spec["inputs"]), len(weights))
 
 
 def main(argv):

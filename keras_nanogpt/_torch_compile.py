@@ -1,5 +1,6 @@
 """PyTorch backend only: generation's decode loop, one token's step run as a traced ATen graph,
-compiled by TorchInductor where that pays, or run eagerly where neither does.
+compiled by TorchInductor where that pays, or run eagerly where neither does (and its prefill,
+`Prefill`: eagerly or from an AOTInductor package).
 
 Run eagerly, a token costs Keras's Python overhead for each of its ~44 layer calls (5-10 ms a token
 at 4 layers x 128 wide on two CPU cores), far more than its arithmetic. The step
@@ -12,9 +13,12 @@ probabilities) is instead:
 2. or compiled by TorchInductor (`_torch_tracing.inductor`) from the same graph, with CUDA graphs
    on a GPU: faster again, but 15-30 s on a cold cache (about 1 s where TorchInductor's on-disk
    caches, `TORCHINDUCTOR_CACHE_DIR`, already hold the step);
-3. or, on CPU in the default mode, run from the step's AOTInductor package where one is on disk
+3. or, in the default mode, run from the step's AOTInductor package where one is on disk (for the CPU,
+   or for CUDA where the model's variables are on a GPU)
    (`_torch_aot`: loaded in milliseconds, no tracing or compiling in this process). The first call
-   that traces or compiles a step starts a background builder for its package (`_request_package`).
+   that traces a step starts a background builder for its package (`_request_package`); until the
+   package is on disk the step stays a traced graph (TorchInductor here would take the CPU from the
+   builder, for a function the package then replaces).
 
 There is one step per sampler kind and shape (batch, window, stop sequences, dtypes), shared by the
 model's samplers and reused across prompts, seeds, sampling settings and training; the cache index is
@@ -122,7 +126,7 @@ class _Step:
         self.graph = None
         self.function = None
         self.package = None  # the loaded AOTInductor package's run function (`_torch_aot.load`)
-        self.package_key = None  # set where packages are used: CPU tensors, the "auto" mode, not opted out
+        self.package_key = None  # set where packages are used: the "auto" mode, not opted out
         self.requested = False  # a builder was asked for the package (once per process)
         self.failed = False  # TorchInductor failed here once: never again
         self.seconds = {"eager": 0.0, "graph": 0.0}  # after each level's first step (one-off costs)
@@ -134,9 +138,9 @@ class _Step:
             return "package"
         return "compiled" if self.function else "graph" if self.graph else "eager"
 
-    def next_level(self, mode, remaining):
+    def next_level(self, mode, remaining, awaiting_package=False):
         """The level to move to now under `mode` ("graph" or "compiled"), with `remaining` tokens to
-        go, or None to stay."""
+        go, or None to stay; never "compiled" while `awaiting_package` (its builder is or may be at work)."""
         level = self.level()
         if level in ("package", "compiled") or mode == "never":
             return None
@@ -147,7 +151,7 @@ class _Step:
         if self.steps[level] < 2:  # measure this level's rate first (its first step has one-off costs)
             return None
         saved = self.seconds[level] * (1 + remaining / (self.steps[level] - 1))
-        if not self.failed and saved >= expected_compile_seconds(self.key):
+        if not (self.failed or awaiting_package) and saved >= expected_compile_seconds(self.key):
             return "compiled"
         if level == "eager" and saved >= expected_trace_seconds():
             return "graph"
@@ -202,20 +206,24 @@ class Decoder:
         signature = self._signature(state, rows, token)
         step = self.steps.get(signature)
         if step is None:
-            step = self.steps.setdefault(signature, _Step(self._digest(signature)))
+            (function, temperature), shapes = signature
+            step = self.steps.setdefault(signature, _Step(_digest(
+                self.model, (function.__module__, function.__qualname__, temperature), shapes)))
         last = min(end, int(rows.limit.max()))  # this window's last slot that any row wants
         with torch.no_grad():
             weights = [variable.value.detach() for variable in self.model.variables]
             layout = _Layout(len(weights), 2 * len(state.cache))
-            if device.type == "cpu" and (mode == "auto" or _torch_aot.builds_in_process()) and _torch_aot.enabled():
+            awaiting = False  # the step's package may come: TorchInductor in this process would only compete with it
+            if _packages_used():
                 self._find_package(step, _flatten(weights, state._replace(
                     index=torch.tensor(index, dtype=torch.int32)), rows, token, write), layout)
+                awaiting = step.package is None and _torch_aot.can_build(step.package_key)
             if device.type == "cuda":  # static inputs of the CUDA graphs, not copied in each replay
                 for tensor in weights + _flat_cache(state.cache):
                     torch._dynamo.mark_static_address(tensor, guard=False)
             while True:
                 state = state._replace(index=torch.tensor(index, dtype=torch.int32, device=device))
-                target = step.next_level(mode, last - index)
+                target = step.next_level(mode, last - index, awaiting)
                 if target:
                     self._move_up(step, target, _flatten(weights, state, rows, token, write), layout)
                 level = step.level()
@@ -264,15 +272,6 @@ class Decoder:
                                                              *constants]
         return self.kind, tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors)
 
-    def _digest(self, signature):
-        """A name for the step that is the same in another process for the same computation."""
-        config = {k: v for k, v in self.model.get_config().items() if k not in ("name", "vectorizer")}
-        (function, temperature), shapes = signature
-        text = repr((torch.__version__, keras.__version__, _version.__version__,
-                     json.dumps(config, sort_keys=True, default=str), function.__module__,
-                     function.__qualname__, temperature, [(s, str(d), t) for s, d, t in shapes]))
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
-
     def _move_up(self, step, target, example, layout):
         """Trace the step (`target` "graph") or compile it with TorchInductor ("compiled") for the
         flat inputs `example` (`_flatten`'s, laid out as `layout` says)."""
@@ -286,7 +285,6 @@ class Decoder:
                 self.on_compile()
                 self._request_package(step, example, layout)
                 return
-            self._request_package(step, example, layout)
             try:
                 step.function = _compiled_step(self.model, self.parts.step, layout, example, step.graph)
             except Exception as error:  # e.g. no C++ compiler for TorchInductor: stay as it was
@@ -309,12 +307,13 @@ class Decoder:
         """Use the step's AOTInductor package where one is on disk (loaded once; a builder may have made
         it since the last call); inside `_torch_aot.building_now()` build a missing one first."""
         if step.package_key is None:
-            step.package_key = _torch_aot.package_key(step.key)
+            step.package_key = _torch_aot.package_key(step.key, example[0].device)
         if step.package is None:
             step.package = _torch_aot.load(step.package_key)
         if (step.package is None and _torch_aot.builds_in_process()
                 and _torch_aot.can_build(step.package_key)):
-            build_package(step.package_key, self.model, self.parts.step, example, layout)
+            build_package(step.package_key, _flat_step(self.model, self.parts.step, layout), example,
+                          layout.num_weights)
             step.package = _torch_aot.load(step.package_key)
 
     def _request_package(self, step, example, layout):
@@ -323,27 +322,97 @@ class Decoder:
         if step.package_key and not step.requested:
             step.requested = True
             if _torch_aot.can_build(step.package_key):
-                _torch_aot.spawn(step.package_key, lambda path: self._write_spec(path, example, layout))
+                import keras_hub
 
-    def _write_spec(self, path, example, layout):
-        """What a background builder (`_torch_aot_build`) needs to trace this step again: the model's and
-        the sampler's configs, the weights' shapes and the step's other inputs (as this call had them)."""
-        import keras_hub
-
-        weights = example[:layout.num_weights]
-        spec = {"model": keras.saving.serialize_keras_object(self.model),
-                "sampler": keras_hub.samplers.serialize(self.sampler),
-                "weights": [(tuple(t.shape), str(t.dtype)) for t in weights],
-                "inputs": [t.detach().clone() for t in example[layout.num_weights:]], "layout": tuple(layout)}
-        with _files.atomic_path(path) as tmp:
-            torch.save(spec, tmp)
+                sampler = keras_hub.samplers.serialize(self.sampler)
+                _torch_aot.spawn(step.package_key, lambda path: _write_spec(
+                    path, self.model, example, layout.num_weights, kind="step", sampler=sampler, layout=tuple(layout)))
 
 
-def build_package(key, model, step, example, layout):
-    """Trace `step` (a `decoding.TokenStep.step` of `model`) for the flat inputs `example` (laid out as
-    `layout` says) and compile it into the AOTInductor package `key` (`_torch_aot.build`)."""
-    graph = _traced_step(model, step, layout, example)
-    return _torch_aot.build(key, graph, _copies(example, layout.num_weights))
+class Prefill:
+    """generation's prefill on PyTorch (`decoding.prefill`: the KV cache after the prompt), run from its
+    AOTInductor package where one is on disk, else eagerly; the first eager run of a shape (generation pads
+    prompts to power-of-two lengths) starts its package's builder, so later calls and programs use it.
+
+    Eagerly the 4-layer, 128-wide model's 16-token prefill costs ~15 ms (Keras's layer calls), from its
+    package ~1 ms; tracing it in the process (~0.7 s) would not pay back within a program's first calls
+    (RESULTS.md). Packages are used as the decode step's are: the "auto" mode, not opted out.
+
+    Args:
+        model: the `NanoGPT`.
+
+    Example:
+        >>> cache = Prefill(model)(tokens, model.empty_cache(1))  # doctest: +SKIP
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.function = decoding.prefill(model)
+        self.keys = {}  # package keys by the inputs' shapes, dtypes and devices
+        self.packages = {}  # by package key: the loaded package's run function, or None (not on disk yet)
+        self.requested = set()  # the package keys a builder was asked for (once per process)
+
+    def __call__(self, tokens, cache):
+        """The cache after `tokens` (`(batch, length)`) ran at positions 0.. against `cache`."""
+        tokens, cache = keras.tree.map_structure(ops.convert_to_tensor, (tokens, cache))
+        with torch.no_grad():
+            weights = [variable.value.detach() for variable in self.model.variables]
+            example = [*weights, tokens, *_flat_cache(cache)]
+            run = self._package(example, len(weights)) if _packages_used() else None
+            return _pairs(list(run(*example))) if run else self.function(tokens, cache)
+
+    def _package(self, example, num_weights):
+        """The package for the shapes of `example` (loaded once; built now inside `_torch_aot.building_now()`),
+        or None after starting its builder."""
+        shapes = tuple((tuple(t.shape), t.dtype, t.device.type) for t in example)
+        if shapes not in self.keys:
+            self.keys[shapes] = _torch_aot.package_key(_digest(self.model, "prefill", shapes), example[0].device)
+        key = self.keys[shapes]
+        if self.packages.get(key) is None:
+            self.packages[key] = _torch_aot.load(key)
+        if self.packages[key] is None and key not in self.requested and _torch_aot.can_build(key):
+            self.requested.add(key)
+            function = _flat_prefill(self.model, num_weights)
+            if _torch_aot.builds_in_process():
+                build_package(key, function, example, num_weights)
+                self.packages[key] = _torch_aot.load(key)
+            else:
+                _torch_aot.spawn(key, lambda path: _write_spec(path, self.model, example, num_weights, kind="prefill"))
+        return self.packages[key]
+
+
+def _packages_used():
+    """Whether AOTInductor packages are used now: the "auto" mode (or inside `_torch_aot.building_now()`), not
+    opted out."""
+    return (compile_mode() == "auto" or _torch_aot.builds_in_process()) and _torch_aot.enabled()
+
+
+def _digest(model, kind, shapes):
+    """A name for a function of `model` (`kind`: the step's sampler, or "prefill") for inputs of `shapes`
+    (shape, dtype and device type each) that is the same in another process for the same computation."""
+    config = {k: v for k, v in model.get_config().items() if k not in ("name", "vectorizer")}
+    text = repr((torch.__version__, keras.__version__, _version.__version__,
+                 json.dumps(config, sort_keys=True, default=str), kind, [(s, str(d), t) for s, d, t in shapes]))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _write_spec(path, model, example, num_weights, **what):
+    """What a background builder (`_torch_aot_build`) needs to trace a function of `model` again: the model's
+    config and device, the weights' shapes, the function's other inputs (as this call had them) and `what`
+    (its `kind`, and for a step the sampler's config and the layout)."""
+    weights = example[:num_weights]
+    spec = {"model": keras.saving.serialize_keras_object(model), "device": str(weights[0].device),
+            "weights": [(tuple(t.shape), str(t.dtype)) for t in weights],
+            "inputs": [t.detach().clone() for t in example[num_weights:]], **what}
+    with _files.atomic_path(path) as tmp:
+        torch.save(spec, tmp)
+
+
+def build_package(key, function, example, num_weights):
+    """Trace `function` (`_flat_step`'s or `_flat_prefill`'s) for the flat inputs `example` (the weights first,
+    `num_weights` of them) and compile it into the AOTInductor package `key` (`_torch_aot.build`)."""
+    graph = _torch_tracing.trace(function, _copies(example, num_weights))
+    return _torch_aot.build(key, graph, _copies(example, num_weights))
 
 
 def _pairs(cache):
@@ -399,6 +468,19 @@ def _flat_step(model, step, layout):
         return new.tokens, new.tail, new.done, running, probabilities
 
     return flat_step
+
+
+def _flat_prefill(model, num_weights):
+    """`decoding.prefill` as a function of the flat tensors `weights..., tokens, cache...` (keys, values, keys,
+    ...), returning the new cache's tensors."""
+    variables, prefill = model.variables, decoding.prefill(model)
+
+    def flat_prefill(*tensors):
+        weights, tokens, cache = tensors[:num_weights], tensors[num_weights], list(tensors[num_weights + 1:])
+        with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
+            return tuple(_flat_cache(prefill(tokens, _pairs(cache))))
+
+    return flat_prefill
 
 
 def _copies(example, num_weights):

@@ -6,7 +6,8 @@ strategies and multi-host helpers in `distribute.py`.
 
 - Generation and scoring: `compile_function` (`jax.jit` / `tf.function(jit_compile=True)` of a
   function that takes the weights as arguments; PyTorch runs it without autograd) and
-  `compile_decode` (PyTorch: a loop over one token's step, traced or compiled by TorchInductor).
+  `compile_decode` (PyTorch: a loop over one token's step, traced or compiled by TorchInductor) and
+  `compile_prefill`.
 - Ahead of time: `building_packages` (PyTorch: the decode step's AOTInductor packages, built now).
 - Training: `training_jit_compile` and `after_compile` (`NanoGPT.compile`'s defaults: XLA on
   TensorFlow's CPU too, traced ATen steps on PyTorch), `adamw_class`, `retrack_variables`, and
@@ -39,8 +40,8 @@ def compile_function(model, function, on_trace):
 
     JAX: `jax.jit` of a stateless function whose first argument is the weights (as keras-hub's
     `CausalLM.generate` does). TensorFlow: `tf.function(jit_compile=True)`, weights likewise passed
-    in. PyTorch: run eagerly without autograd (prefill, scoring and search samplers; the decode loop
-    is `compile_decode`'s). New weights (training, loading) never retrace.
+    in. PyTorch: run eagerly without autograd (scoring and search samplers; the decode loop is
+    `compile_decode`'s, the prefill `compile_prefill`'s). New weights (training, loading) never retrace.
 
     Args:
         model: the `NanoGPT` whose variables `function` reads.
@@ -80,6 +81,26 @@ def compile_function(model, function, on_trace):
 
         compiled = tf.function(stateless, jit_compile=True)
     return lambda *args, **kwargs: compiled([v.value for v in variables], *args, **kwargs)
+
+
+def compile_prefill(model, on_trace):
+    """The prefill (`decoding.prefill`: the KV cache after the prompt), compiled for the backend.
+
+    PyTorch: `_torch_compile.Prefill`, eagerly or from its AOTInductor package (one per prompt bucket).
+    Elsewhere: `compile_function`.
+
+    Args:
+        model: a `NanoGPT`.
+        on_trace: called at each trace (JAX, TensorFlow).
+
+    Example:
+        >>> cache = compile_prefill(model, lambda: None)(tokens, model.empty_cache(1))  # doctest: +SKIP
+    """
+    if name() == "torch":
+        from keras_nanogpt import _torch_compile
+
+        return _torch_compile.Prefill(model)
+    return compile_function(model, decoding.prefill(model), on_trace)
 
 
 def compile_decode(model, sampler, steps, on_trace):

@@ -50,6 +50,10 @@ class CompiledFunctions:
         return self.keep(("function", key), lambda: backends.compile_function(
             self.model, build(), self._count_trace))
 
+    def prefill(self):
+        """The prefill, `(tokens, cache) -> cache` (`backends.compile_prefill`)."""
+        return self.keep("prefill", lambda: backends.compile_prefill(self.model, self._count_trace))
+
     def decode(self, sampler):
         """The decode loop for the keras-hub token sampler `sampler` (`backends.compile_decode`)."""
         return self.keep(("decode", sampler), lambda: backends.compile_decode(

@@ -115,6 +115,15 @@ def decode_loop(model, sampler):
     return decode
 
 
+def prefill(model):
+    """The prefill, `(tokens, cache) -> cache`: the KV cache after the prompt's `tokens` ran at positions 0...
+
+    Example:
+        >>> cache = prefill(model)(tokens, model.empty_cache(1))  # doctest: +SKIP
+    """
+    return lambda tokens, cache: model.call_with_cache(tokens, cache, 0)[2]
+
+
 class TokenStep(typing.NamedTuple):
     """The decode loop's body as parts, for a backend that compiles one token's step (PyTorch).
 

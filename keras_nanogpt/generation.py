@@ -109,9 +109,11 @@ def compile_packages(model, batch_sizes=(1,), windows=None, sampling=("greedy", 
     """Build the compiled packages of the decode loop ahead of time, for the calls that will use them
     (PyTorch: AOTInductor packages under `$KERAS_HOME/keras_nanogpt/aot`; `keras-nanogpt compile`).
 
-    One package per batch size, window and sampling kind: a later process's `generate`, `stream` or
-    server then loads it in milliseconds instead of tracing or compiling. Packages already there are
-    loaded and checked, not built again.
+    One decode-step package per batch size, window and sampling kind, and one prefill package per batch
+    size and window (for prompts that fill the window; a shorter prompt's prefill package is built in
+    the background on first use): a later process's `generate`, `stream` or server then loads them in
+    milliseconds instead of tracing or compiling. Packages already there are loaded and checked, not
+    built again.
 
     Args:
         model: a `NanoGPT`.
@@ -145,8 +147,9 @@ def compile_packages(model, batch_sizes=(1,), windows=None, sampling=("greedy", 
                 for kind in sampling:
                     generate(model, prompt, max_new_tokens=1, temperature=0 if kind == "greedy" else 1.0, seed=0)
     after = counts()
-    return {"packages": len(batch_sizes) * len(windows) * len(sampling), "built": after["built"] - before["built"],
-            "loaded": after["loaded"] - before["loaded"], "directory": after["directory"]}
+    return {"packages": len(batch_sizes) * len(windows) * (len(sampling) + 1),  # the steps' and the prefills'
+            "built": after["built"] - before["built"], "loaded": after["loaded"] - before["loaded"],
+            "directory": after["directory"]}
 
 
 class Stream:
@@ -397,9 +400,8 @@ class _Window:
         """Fill the cache at the window's first `index - 1` positions (rounded up to a power of two)."""
         if self.state.index <= 1:
             return
-        model = self.job.model
         length = min(self.slots, _bucket(self.state.index - 1))
-        prefill = self.job.compiled.function("prefill", lambda: lambda t, c: model.call_with_cache(t, c, 0)[2])
+        prefill = self.job.compiled.prefill()
         self.state = self.state._replace(cache=prefill(self.state.tokens[:, :length], self.state.cache))
 
     def _search(self):
