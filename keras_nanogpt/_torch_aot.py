@@ -225,13 +225,13 @@ def can_build(key):
     if not enabled():
         return False
     if not compiler_available():
-        warn_once("compiler", "No C++ compiler found (g++, c++, clang++ or $CXX), so PyTorch decoding is not "
-                              "compiled ahead of time: it runs as a traced graph (slower).")
+        warn_once("compiler", "No C++ compiler found (g++, c++, clang++ or $CXX), so PyTorch decoding and training are "
+                              "not compiled ahead of time: they run as traced graphs (slower).")
         return False
     failure = paths(key)[3]
     if os.path.exists(failure):
         warn_once(failure, f"Building the AOTInductor package {key} failed before (see {failure}), so "
-                           f"decoding runs as a traced graph; remove that file to try again.")
+                           f"that step runs as a traced graph; remove that file to try again.")
         return False
     return True
 

@@ -1,10 +1,11 @@
 """PyTorch backend only: the background builder of one AOTInductor package (`python -m
 keras_nanogpt._torch_aot_build SPEC`), started by `_torch_aot.spawn` at the lowest priority.
 
-It rebuilds the model and the sampler from their configs in the spec file (the model's own Keras code:
-no copy of it), traces the decode step for the spec's inputs with the model's fresh weights (the
-package takes weights as inputs, so their values do not matter), compiles it (`_torch_compile.build_package`)
-and removes its lock and spec. A failure leaves `KEY.failed` with the error, so no process tries again
+For a decode step it rebuilds the model and the sampler from their configs in the spec file (the model's
+own Keras code: no copy of it), traces the step for the spec's inputs with the model's fresh weights (the
+package takes weights as inputs, so their values do not matter) and compiles it
+(`_torch_compile.build_package`); a train step's spec holds its traced graph itself
+(`_torch_training._write_spec`), compiled for zeros of its inputs' shapes. Then it removes its lock and spec. A failure leaves `KEY.failed` with the error, so no process tries again
 until that file is removed; the builder's output is kept in `KEY.log`.
 
 Example:
@@ -25,9 +26,13 @@ from keras_nanogpt import model as _model  # noqa: F401  (registers NanoGPT and 
 
 
 def build_from_spec(spec_path):
-    """Build the package that the spec file `spec_path` (`Decoder._write_spec`'s) describes; returns its path."""
+    """Build the package that the spec file `spec_path` (`Decoder._write_spec`'s or
+    `_torch_training._write_spec`'s) describes; returns its path."""
     key = os.path.basename(spec_path)[:-len(".spec")]
     spec = torch.load(spec_path, weights_only=False)
+    if "graph" in spec:  # a train step's (`_torch_training._write_spec`): the traced graph itself
+        example = [torch.zeros(shape, dtype=dtype) for shape, dtype in spec["inputs"]]
+        return _torch_aot.build(key, spec["graph"], example)
     model = keras.saving.deserialize_keras_object(spec["model"])
     sampler = keras_hub.samplers.deserialize(spec["sampler"])
     weights = [variable.value.detach() for variable in model.variables]
