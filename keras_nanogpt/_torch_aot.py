@@ -1,4 +1,4 @@
-"""PyTorch backend only: decode steps compiled ahead of time by AOTInductor into packages on disk (keyed,
+"""PyTorch backend only: decode and train steps compiled ahead of time by AOTInductor into packages on disk (keyed,
 checksummed, capped, loaded by the C++ loader in milliseconds), and the background builders that make them.
 
 TorchInductor compiled in the process (`_torch_tracing.inductor`) costs 3-4 s in every new process even
@@ -8,11 +8,13 @@ without importing Inductor, and the step it runs costs a few ATen kernel launche
 graph's ~200 operator dispatches.
 
 - What: the traced decode step (`_torch_compile`'s graph of the Keras model itself, weights as inputs:
-  a model whose weights changed, by training or loading, runs the same package), exported by
-  `torch.export` and compiled by `torch._inductor.aoti_compile_and_package`.
+  a model whose weights changed, by training or loading, runs the same package), or the traced train
+  step (`_torch_training`: variables updated in place), exported by `torch.export` and compiled by
+  `torch._inductor.aoti_compile_and_package`.
 - Where: `$KERAS_HOME/keras_nanogpt/aot/` (or `KERAS_NANOGPT_AOT_DIR`), one `KEY.pt2` and one
-  `KEY.json` sidecar each. The key digests the step's own key (model configuration, sampler kind,
-  shapes and dtypes of every input, the torch, Keras and keras_nanogpt versions), the sources of the
+  `KEY.json` sidecar each. The key digests the step's own key (a decode step's: model configuration, sampler kind,
+  shapes and dtypes of every input, the torch, Keras and keras_nanogpt versions; a train step's: its
+  traced graph's code and constants, and the same shapes and versions), the sources of the
   modules on the step's path, and the CPU's instruction set (`torch.backends.cpu.get_cpu_capability()`).
 - Safety: a package is renamed into place whole, then its sidecar (its key and sha256) is written; a
   package is loaded only when its sidecar names this key and its bytes hash to the sidecar's sum (a
@@ -150,10 +152,11 @@ def _reject(key, why):
     return None
 
 
-def build(key, graph_module, example):
+def build(key, graph_module, example, options=None):
     """Export `graph_module` (the traced step) for the flat tensors `example` and compile it into the
-    package `key`: written under a temporary name, renamed into place, then its sidecar; returns the
-    package's path. Two processes building one key at once each rename a whole package."""
+    package `key` (`options`: TorchInductor's settings for it): written under a temporary name, renamed
+    into place, then its sidecar; returns the package's path. Two processes building one key at once
+    each rename a whole package."""
     import torch._inductor  # the builder's import, never the loader's
 
     package, sidecar = paths(key)[:2]
@@ -164,7 +167,7 @@ def build(key, graph_module, example):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
             exported = torch.export.export(graph_module, tuple(example), strict=False)
-            torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=options)
         os.replace(tmp, package)
     finally:
         with contextlib.suppress(OSError):

@@ -32,7 +32,7 @@ def build_from_spec(spec_path):
     spec = torch.load(spec_path, weights_only=False)
     if "graph" in spec:  # a train step's (`_torch_training._write_spec`): the traced graph itself
         example = [torch.zeros(shape, dtype=dtype) for shape, dtype in spec["inputs"]]
-        return _torch_aot.build(key, spec["graph"], example)
+        return _torch_aot.build(key, spec["graph"], example, spec.get("options"))
     model = keras.saving.deserialize_keras_object(spec["model"])
     sampler = keras_hub.samplers.deserialize(spec["sampler"])
     weights = [variable.value.detach() for variable in model.variables]

@@ -26,7 +26,8 @@ in the ski-rental problem:
 
 `KERAS_NANOGPT_TORCH_COMPILE` (`_torch_compile.compile_mode`) overrides: `always` builds at once,
 `trace` and `never` keep the graph; `KERAS_NANOGPT_AOT=0` turns packages off. A package draws
-dropout's masks with its own generator: the same distribution, other masks than the eager step's.
+dropout's masks from torch's generator as the graph does (`INDUCTOR_OPTIONS`): a seed gives the same
+losses on every path.
 
 Keras runs its multi-tensor AdamW on PyTorch only for `keras.optimizers.AdamW` itself; a subclass
 such as `training.MatrixDecayAdamW` falls back to one small update per variable, and Keras's
@@ -49,6 +50,8 @@ from keras_nanogpt import _files, _keras_internals, _torch_aot, _torch_keras_int
 
 PACKAGE_SAVING = 0.15  # the share of the traced graph's step time a package saves (nano recipe, RESULTS.md)
 BUILD_SECONDS = 45.0  # a cold AOTInductor build of the nano recipe's train step on a 2-core CPU (RESULTS.md)
+# Random draws (dropout) as the graph makes them, from torch's generator: the eager step's masks, for a seed.
+INDUCTOR_OPTIONS = {"fallback_random": True}
 RECHECK_STEPS = 20  # how often a step without a package looks for the background builder's
 _build_seconds = []  # builds of train steps measured in this process, most recent last
 
@@ -201,7 +204,7 @@ class TracedStep:
         if _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds()):
             start = time.perf_counter()
             try:
-                _torch_aot.build(package.key, graph, [t.detach().clone() for t in tensors])
+                _torch_aot.build(package.key, graph, [t.detach().clone() for t in tensors], INDUCTOR_OPTIONS)
             except Exception as error:  # e.g. a compiler error: keep the graph
                 warnings.warn(f"Compiling the PyTorch train step failed, so it runs as a traced graph: "
                               f"{type(error).__name__}: {str(error)[:300]}", RuntimeWarning, stacklevel=3)
@@ -303,7 +306,8 @@ def _package_key(graph, tensors):
     the optimizer or its schedule changes the code), the versions, this code and this CPU
     (`_torch_aot.package_key`)."""
     digest = hashlib.sha256(repr((torch.__version__, keras.__version__, _version.__version__, graph.code,
-                                  [(tuple(t.shape), str(t.dtype)) for t in tensors])).encode())
+                                  [(tuple(t.shape), str(t.dtype)) for t in tensors],
+                                  sorted(INDUCTOR_OPTIONS.items()))).encode())
     for name, buffer in sorted(graph.named_buffers()):
         digest.update(name.encode())
         digest.update(buffer.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -332,9 +336,9 @@ def _spawn_builders():
 
 def _write_spec(path, graph, inputs):
     """What a background builder (`_torch_aot_build`) needs to build a train step's package: the traced
-    graph itself (a pickled `GraphModule`) and its inputs' shapes and dtypes."""
+    graph itself (a pickled `GraphModule`), its inputs' shapes and dtypes, and TorchInductor's options."""
     with _files.atomic_path(path) as tmp:
-        torch.save({"graph": graph, "inputs": inputs}, tmp)
+        torch.save({"graph": graph, "inputs": inputs, "options": INDUCTOR_OPTIONS}, tmp)
 
 
 class PlannedSteps(keras.callbacks.Callback):

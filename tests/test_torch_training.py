@@ -1,7 +1,7 @@
 """PyTorch only: the train step's AOTInductor package (keras_nanogpt/_torch_training.py): built by the
 ski rental in the process where the run repays it, else by a builder started as the process exits and
 loaded by the next run; its losses within 1e-4 (relative) of Keras's eager step; counted builds,
-loads and traces.
+loads and traces; dropout's masks the same on every path.
 
 Each test builds one package of a 1-layer, 16-wide model in a folder of its own (tens of seconds)."""
 
@@ -39,9 +39,10 @@ class Record(keras.callbacks.Callback):
         self.losses.append(float(logs["loss"]))
         self.levels.append(getattr(self.model.train_function, "level", "eager"))
 
-def train(jit_compile, steps):
+def train(jit_compile, steps, dropout=0.0):
     keras.utils.set_random_seed(0)
-    model = kn.NanoGPT(vocabulary_size=24, sequence_length=16, num_layers=1, num_heads=2, hidden_dim=16)
+    model = kn.NanoGPT(vocabulary_size=24, sequence_length=16, num_layers=1, num_heads=2, hidden_dim=16,
+                       dropout=dropout)
     model.compile(optimizer=kn.training.nanogpt_optimizer(steps, warmup_steps=5), jit_compile=jit_compile)
     starts = np.random.default_rng(0).integers(0, 24, (4 * steps, 1))
     ids = ((starts + np.arange(17)) % 24).astype("int32")
@@ -110,13 +111,14 @@ def test_a_run_builds_the_package_as_it_exits_and_the_next_run_loads_it(script, 
 
 
 def test_a_run_that_repays_the_build_builds_in_process(script, monkeypatch):
+    """With dropout: the package draws the eager step's masks."""
     from keras_nanogpt import _torch_aot, _torch_training
 
     _, module = script
-    eager = module.train(False, STEPS)
+    eager = module.train(False, STEPS, 0.1)
     monkeypatch.setattr(_torch_training, "expected_build_seconds", lambda: 1e-3)  # repaid by any run
     before = dict(_torch_aot.counters)
-    run = module.train("auto", STEPS)
+    run = module.train("auto", STEPS, 0.1)
     assert run["levels"][:3] == ["graph"] * 3 and set(run["levels"][3:]) == {"package"}  # 3 steps measured
     assert run["traces"] == 1
     assert {k: run["counters"][k] - before[k] for k in before} == {
