@@ -287,7 +287,8 @@ def whole_worker(args, who):
     history = model.fit(train.repeat(), steps_per_epoch=steps, epochs=1, verbose=0)
     function = model.train_function
     return {"import_s": round(imported, 2), "in_process_s": round(time.perf_counter() - started, 2),
-            "final_loss": round(history.history["loss"][-1], 4), "level": getattr(function, "level", "eager"),
+            "mean_loss": round(history.history["loss"][-1], 4),  # Keras's: the run's mean, not its last step's
+            "level": getattr(function, "level", "eager"),
             "trace_s": [round(t, 2) for t in getattr(function, "trace_seconds", [])],
             "counters": dict(_torch_aot.counters)}
 
