@@ -197,11 +197,12 @@ class TracedStep:
             package.run = _torch_aot.load(package.key)
             if package.run:
                 return package
-        if not _torch_aot.can_build(package.key):
+        saving = package.saving(self.remaining)
+        build_now = _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds())
+        if (build_now or not package.requested) and not _torch_aot.can_build(package.key):
             package.key = None  # no compiler, or an earlier build failed (one warning says which)
             return package
-        saving = package.saving(self.remaining)
-        if _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds()):
+        if build_now:
             start = time.perf_counter()
             try:
                 _torch_aot.build(package.key, graph, [t.detach().clone() for t in tensors], INDUCTOR_OPTIONS)
