@@ -196,6 +196,7 @@ class TracedStep:
         if package.steps % RECHECK_STEPS == 0:
             package.run = _torch_aot.load(package.key)
             if package.run:
+                _at_exit.pop(package.key, None)
                 return package
         saving = package.saving(self.remaining)
         build_now = _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds())
@@ -213,6 +214,7 @@ class TracedStep:
                 return package
             _build_seconds.append(time.perf_counter() - start)
             package.run = _torch_aot.load(package.key)
+            _at_exit.pop(package.key, None)  # built: no builder at exit
         elif not package.requested:
             package.requested = True
             _build_at_exit(package.key, graph, [(tuple(t.shape), t.dtype) for t in tensors])
@@ -323,14 +325,16 @@ def _build_at_exit(key, graph, inputs):
     exits (`_spawn_builders`), unless it is on disk by then."""
     if not _at_exit:
         atexit.register(_spawn_builders)
-    _at_exit[key] = (graph, inputs)
+    _at_exit[key] = (graph, inputs, _torch_aot.directory())
 
 
 def _spawn_builders():
-    """The builders `_build_at_exit` asked for (each detached: it outlives this process)."""
-    for key, (graph, inputs) in list(_at_exit.items()):
+    """The builders `_build_at_exit` asked for (each detached: it outlives this process), unless packages
+    were turned off or moved to another folder since they were asked for."""
+    for key, (graph, inputs, folder) in list(_at_exit.items()):
         _at_exit.pop(key)
-        if not os.path.exists(_torch_aot.paths(key)[1]):
+        built = os.path.exists(_torch_aot.paths(key)[1])
+        if _torch_aot.enabled() and _torch_aot.directory() == folder and not built:
             with contextlib.suppress(Exception):  # at exit: nothing left to tell
                 _torch_aot.spawn(key, lambda path, graph=graph, inputs=inputs: _write_spec(path, graph, inputs))
 

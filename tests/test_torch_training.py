@@ -117,12 +117,14 @@ def test_a_run_that_repays_the_build_builds_in_process(script, monkeypatch):
     _, module = script
     eager = module.train(False, STEPS, 0.1)
     monkeypatch.setattr(_torch_training, "expected_build_seconds", lambda: 1e-3)  # repaid by any run
+    monkeypatch.setattr(_torch_training, "_at_exit", {})
     before = dict(_torch_aot.counters)
     run = module.train("auto", STEPS, 0.1)
     assert run["levels"][:3] == ["graph"] * 3 and set(run["levels"][3:]) == {"package"}  # 3 steps measured
     assert run["traces"] == 1
     assert {k: run["counters"][k] - before[k] for k in before} == {
         "loaded": 1, "built": 1, "spawned": 0, "rejected": 0}
+    assert not _torch_training._at_exit  # built here: no builder as the process exits
     np.testing.assert_allclose(run["losses"], eager["losses"], rtol=1e-4)
 
 
