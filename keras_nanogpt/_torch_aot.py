@@ -1,4 +1,4 @@
-"""PyTorch backend only: decode steps compiled ahead of time by AOTInductor into packages on disk (keyed,
+"""PyTorch backend only: decode and train steps compiled ahead of time by AOTInductor into packages on disk (keyed,
 checksummed, capped, loaded by the C++ loader in milliseconds), and the background builders that make them.
 
 TorchInductor compiled in the process (`_torch_tracing.inductor`) costs 3-4 s in every new process even
@@ -8,11 +8,13 @@ without importing Inductor, and the step it runs costs a few ATen kernel launche
 graph's ~200 operator dispatches.
 
 - What: the traced decode step (`_torch_compile`'s graph of the Keras model itself, weights as inputs:
-  a model whose weights changed, by training or loading, runs the same package), exported by
-  `torch.export` and compiled by `torch._inductor.aoti_compile_and_package`.
+  a model whose weights changed, by training or loading, runs the same package), or the traced train
+  step (`_torch_training`: variables updated in place), exported by `torch.export` and compiled by
+  `torch._inductor.aoti_compile_and_package`.
 - Where: `$KERAS_HOME/keras_nanogpt/aot/` (or `KERAS_NANOGPT_AOT_DIR`), one `KEY.pt2` and one
-  `KEY.json` sidecar each. The key digests the step's own key (model configuration, sampler kind,
-  shapes and dtypes of every input, the torch, Keras and keras_nanogpt versions), the sources of the
+  `KEY.json` sidecar each. The key digests the step's own key (a decode step's: model configuration,
+  sampler kind, shapes and dtypes of every input, the torch, Keras and keras_nanogpt versions; a train
+  step's: its traced graph's code and constants, and the same shapes and versions), the sources of the
   modules on the step's path, and the device (`device_tag`: the CPU's instruction set, or the GPU and
   CUDA version: the step's tensors on a GPU make a CUDA package).
 - Safety: a package is put in place whole (the first of two builders of one key wins), then its
@@ -173,10 +175,11 @@ def _reject(key, why):
     return None
 
 
-def build(key, graph_module, example):
+def build(key, graph_module, example, options=None):
     """Export `graph_module` (the traced step) for the flat tensors `example` and compile it into the
-    package `key`: written under a temporary name, put in place whole (`_install`: the first of two
-    builders of one key wins), then its sidecar; returns the package's path."""
+    package `key` (`options`: TorchInductor's settings for it): written under a temporary name, put in
+    place whole (`_install`: the first of two builders of one key wins), then its sidecar; returns the
+    package's path."""
     import torch._inductor  # the builder's import, never the loader's
 
     package, sidecar = paths(key)[:2]
@@ -187,7 +190,7 @@ def build(key, graph_module, example):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
             exported = torch.export.export(graph_module, tuple(example), strict=False)
-            torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=options)
         meta = {"key": key, "format": FORMAT, "sha256": _sha256(tmp), "torch": torch.__version__,
                 "device": device_tag(example[0].device), "seconds": round(time.perf_counter() - start, 2)}
         installed = _install(tmp, key)
@@ -266,13 +269,13 @@ def can_build(key):
     if not enabled():
         return False
     if not compiler_available():
-        warn_once("compiler", "No C++ compiler found (g++, c++, clang++ or $CXX), so PyTorch decoding is not "
-                              "compiled ahead of time: it runs as a traced graph (slower).")
+        warn_once("compiler", "No C++ compiler found (g++, c++, clang++ or $CXX), so PyTorch decoding and training are "
+                              "not compiled ahead of time: they run as traced graphs (slower).")
         return False
     failure = paths(key)[3]
     if os.path.exists(failure):
         warn_once(failure, f"Building the AOTInductor package {key} failed before (see {failure}), so "
-                           f"decoding runs as a traced graph; remove that file to try again.")
+                           f"that step runs as a traced graph; remove that file to try again.")
         return False
     return True
 

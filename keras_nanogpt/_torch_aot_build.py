@@ -1,12 +1,14 @@
 """PyTorch backend only: the background builder of one AOTInductor package (`python -m
 keras_nanogpt._torch_aot_build SPEC`), started by `_torch_aot.spawn` at the lowest priority.
 
-It rebuilds the model (and for a decode step the sampler) from their configs in the spec file (the model's
-own Keras code: no copy of it; its variables on the spec's device, so a model on a GPU gets a CUDA
-package), traces the decode step or the prefill for the spec's inputs with the model's fresh weights (the
-package takes weights as inputs, so their values do not matter), compiles it
-(`_torch_compile.build_package`) and removes its lock and spec. A failure leaves `KEY.failed` with the
-error, so no process tries again until that file is removed; the builder's output is kept in `KEY.log`.
+For a decode step or the prefill it rebuilds the model (and for a decode step the sampler) from their
+configs in the spec file (the model's own Keras code: no copy of it; its variables on the spec's device,
+so a model on a GPU gets a CUDA package), traces the step for the spec's inputs with the model's fresh
+weights (the package takes weights as inputs, so their values do not matter) and compiles it
+(`_torch_compile.build_package`); a train step's spec holds its traced graph itself
+(`_torch_training._write_spec`), compiled for zeros of its inputs' shapes. Then it removes its lock and
+spec. A failure leaves `KEY.failed` with the error, so no process tries again until that file is removed;
+the builder's output is kept in `KEY.log`.
 
 Example:
     >>> main(["/home/me/.keras/keras_nanogpt/aot/0123abcd.spec"])  # doctest: +SKIP
@@ -26,9 +28,13 @@ from keras_nanogpt import model as _model  # noqa: F401  (registers NanoGPT and 
 
 
 def build_from_spec(spec_path):
-    """Build the package that the spec file `spec_path` (`_torch_compile._write_spec`'s) describes; returns its path."""
+    """Build the package that the spec file `spec_path` (`_torch_compile`'s or `_torch_training._write_spec`'s)
+    describes; returns its path."""
     key = os.path.basename(spec_path)[:-len(".spec")]
     spec = torch.load(spec_path, weights_only=False)
+    if "graph" in spec:  # a train step's (`_torch_training._write_spec`): the traced graph itself
+        example = [torch.zeros(shape, dtype=dtype) for shape, dtype in spec["inputs"]]
+        return _torch_aot.build(key, spec["graph"], example, spec.get("options"))
     with keras.device(spec["device"]):
         model = keras.saving.deserialize_keras_object(spec["model"])
     weights = [variable.value.detach() for variable in model.variables]

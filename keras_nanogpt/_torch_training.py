@@ -10,6 +10,25 @@ variables updated in place. Keras's `fit` loop around it is unchanged: callbacks
 logs, checkpoints and backups behave as with the eager step. Dropout draws from torch's global
 generator in the graph as eagerly, so a seed gives the same losses either way.
 
+On CPU the train step then moves on to the same graph compiled ahead of time into an AOTInductor
+package (`_torch_aot`, as decoding's steps: on disk, loaded in milliseconds by a later run; its
+elementwise work fused, about `PACKAGE_SAVING` faster); `TracedStep.level` says which runs. When, as
+in the ski-rental problem:
+
+- a package on disk is used at once (and looked for again every `RECHECK_STEPS` steps, since another
+  process may be building it);
+- the step builds it itself, at once, when the time it would save (`PACKAGE_SAVING` of the graph's
+  measured step time, over the steps `fit` has left, or over the steps run so far where `fit` does
+  not say) reaches the expected build time (`expected_build_seconds`);
+- otherwise the process starts a background builder for it as it exits (`_torch_aot.spawn`, lowest
+  priority), so that the next run finds it: a builder beside training, nice or not, takes a core
+  that PyTorch's threads wait for at every operation.
+
+`KERAS_NANOGPT_TORCH_COMPILE` (`_torch_compile.compile_mode`) overrides: `always` builds at once,
+`trace` and `never` keep the graph; `KERAS_NANOGPT_AOT=0` turns packages off. A package draws
+dropout's masks from torch's generator as the graph does (`INDUCTOR_OPTIONS`): a seed gives the same
+losses on every path.
+
 Keras runs its multi-tensor AdamW on PyTorch only for `keras.optimizers.AdamW` itself; a subclass
 such as `training.MatrixDecayAdamW` falls back to one small update per variable, and Keras's
 global-norm clipping is two operations per variable. At nanoGPT's CPU recipe (27 variables) that
@@ -17,13 +36,30 @@ made the optimizer step 3-4x nanoGPT's (`clip_grad_norm_` + `torch.optim.AdamW`)
 benchmarks/RESULTS.md, issue 18.
 """
 
+import atexit
+import contextlib
+import hashlib
+import os
 import time
 import warnings
 
 import keras
 import torch
 
-from keras_nanogpt import _keras_internals, _torch_keras_internals, _torch_tracing
+from keras_nanogpt import _files, _keras_internals, _torch_aot, _torch_keras_internals, _torch_tracing, _version
+
+PACKAGE_SAVING = 0.15  # the share of the traced graph's step time a package saves (nano recipe, RESULTS.md)
+BUILD_SECONDS = 45.0  # a cold AOTInductor build of the nano recipe's train step on a 2-core CPU (RESULTS.md)
+# Random draws (dropout) as the graph makes them, from torch's generator: the eager step's masks, for a seed.
+INDUCTOR_OPTIONS = {"fallback_random": True}
+RECHECK_STEPS = 20  # how often a step without a package looks for the background builder's
+_build_seconds = []  # builds of train steps measured in this process, most recent last
+
+
+def expected_build_seconds():
+    """How long building a train step's package is expected to take: as long as the last build in this
+    process, else `BUILD_SECONDS`."""
+    return _build_seconds[-1] if _build_seconds else BUILD_SECONDS
 
 
 class ForeachAdamW(_torch_keras_internals.TorchAdamW):
@@ -108,8 +144,11 @@ class TracedStep:
         self.model = model
         self.training = training
         self.graphs = {}
+        self.packages = {}  # signature -> _Package (train steps on CPU only)
         self.traces = 0
         self.trace_seconds = []
+        self.remaining = None  # steps `fit` has left, where it says (`PlannedSteps`)
+        self.level = "eager"  # what the last step ran: "eager", "graph" or "package"
 
     def __call__(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data[0])
@@ -129,11 +168,57 @@ class TracedStep:
                 self.graphs[signature] = None
         graph = self.graphs[signature]
         if graph is None:  # Keras's own eager step
+            self.level = "eager"
             step = self.model.train_step if self.training else self.model.test_step
             return step(data[0])
+        tensors = [v.value for v in variables] + inputs
+        package = self._package(signature, graph, tensors)
+        start = time.perf_counter()
         with torch.no_grad():
-            graph(*[v.value for v in variables], *inputs)
+            (package.run or graph)(*tensors)
+        if package.key and not package.run:
+            package.timed(time.perf_counter() - start)
+        if self.remaining:
+            self.remaining -= 1
+        self.level = "package" if package.run else "graph"
         return self.model.get_metrics_result()
+
+    def _package(self, signature, graph, tensors):
+        """The `_Package` of the step `signature`: loaded where it is on disk, built now where the ski
+        rental says so, a background builder started otherwise (module docstring)."""
+        package = self.packages.get(signature)
+        if package is None:
+            usable = (self.training and tensors[0].device.type == "cpu" and _torch_aot.enabled()
+                      and _compile_mode() in ("auto", "always"))
+            package = self.packages[signature] = _Package(_package_key(graph, tensors) if usable else None)
+        if package.key is None or package.run:
+            return package
+        if package.steps % RECHECK_STEPS == 0:
+            package.run = _torch_aot.load(package.key)
+            if package.run:
+                _at_exit.pop(package.key, None)
+                return package
+        saving = package.saving(self.remaining)
+        build_now = _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds())
+        if (build_now or not package.requested) and not _torch_aot.can_build(package.key):
+            package.key = None  # no compiler, or an earlier build failed (one warning says which)
+            return package
+        if build_now:
+            start = time.perf_counter()
+            try:
+                _torch_aot.build(package.key, graph, [t.detach().clone() for t in tensors], INDUCTOR_OPTIONS)
+            except Exception as error:  # e.g. a compiler error: keep the graph
+                warnings.warn(f"Compiling the PyTorch train step failed, so it runs as a traced graph: "
+                              f"{type(error).__name__}: {str(error)[:300]}", RuntimeWarning, stacklevel=3)
+                package.key = None
+                return package
+            _build_seconds.append(time.perf_counter() - start)
+            package.run = _torch_aot.load(package.key)
+            _at_exit.pop(package.key, None)  # built: no builder at exit
+        elif not package.requested:
+            package.requested = True
+            _build_at_exit(package.key, graph, [(tuple(t.shape), t.dtype) for t in tensors])
+        return package
 
     def _variables(self):
         model = self.model
@@ -185,6 +270,95 @@ class TracedStep:
         self.trace_seconds.append(time.perf_counter() - start)
         self.traces += 1
         return graph
+
+
+class _Package:
+    """One train step signature's AOTInductor package: its key (None where packages are not used), its
+    run function once loaded, and the traced graph's measured time until then."""
+
+    def __init__(self, key):
+        self.key = key
+        self.run = None
+        self.requested = False  # a background builder was asked for it
+        self.steps = 0
+        self.seconds = 0.0  # the graph's steps after the first (its one-off costs)
+
+    def timed(self, seconds):
+        if self.steps:
+            self.seconds += seconds
+        self.steps += 1
+
+    def saving(self, remaining):
+        """The seconds a package would save from now: `PACKAGE_SAVING` of the graph's rate over the
+        `remaining` steps, or (not known) over the steps run so far (ski rental); None before a rate."""
+        if self.steps < 3:
+            return None
+        rate = self.seconds / (self.steps - 1)
+        return PACKAGE_SAVING * rate * (remaining if remaining is not None else self.steps)
+
+
+def _compile_mode():
+    from keras_nanogpt import _torch_compile
+
+    return _torch_compile.compile_mode()
+
+
+def _package_key(graph, tensors):
+    """The package name of the traced step `graph` for inputs like `tensors`: a digest of its code, its
+    folded constants and its inputs' shapes and dtypes (any change to the model, the loss, the metrics,
+    the optimizer or its schedule changes the code), the versions, this code and the device
+    (`_torch_aot.package_key`)."""
+    digest = hashlib.sha256(repr((torch.__version__, keras.__version__, _version.__version__, graph.code,
+                                  [(tuple(t.shape), str(t.dtype)) for t in tensors],
+                                  sorted(INDUCTOR_OPTIONS.items()))).encode())
+    for name, buffer in sorted(graph.named_buffers()):
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return _torch_aot.package_key("train:" + digest.hexdigest()[:32], tensors[0].device)
+
+
+_at_exit = {}  # package key -> (graph, inputs' shapes and dtypes): builders to start as the process exits
+
+
+def _build_at_exit(key, graph, inputs):
+    """Start a background builder for the package `key` of the traced step `graph` when this process
+    exits (`_spawn_builders`), unless it is on disk by then."""
+    if not _at_exit:
+        atexit.register(_spawn_builders)
+    _at_exit[key] = (graph, inputs, _torch_aot.directory())
+
+
+def _spawn_builders():
+    """The builders `_build_at_exit` asked for (each detached: it outlives this process), unless packages
+    were turned off or moved to another folder since they were asked for."""
+    for key, (graph, inputs, folder) in list(_at_exit.items()):
+        _at_exit.pop(key)
+        built = os.path.exists(_torch_aot.paths(key)[1])
+        if _torch_aot.enabled() and _torch_aot.directory() == folder and not built:
+            with contextlib.suppress(Exception):  # at exit: nothing left to tell
+                _torch_aot.spawn(key, lambda path, graph=graph, inputs=inputs: _write_spec(path, graph, inputs))
+
+
+def _write_spec(path, graph, inputs):
+    """What a background builder (`_torch_aot_build`) needs to build a train step's package: the traced
+    graph itself (a pickled `GraphModule`), its inputs' shapes and dtypes, and TorchInductor's options."""
+    with _files.atomic_path(path) as tmp:
+        torch.save({"graph": graph, "inputs": inputs, "options": INDUCTOR_OPTIONS}, tmp)
+
+
+class PlannedSteps(keras.callbacks.Callback):
+    """Tells the model's `TracedStep` how many steps `fit` will run (epochs x steps per epoch, where
+    known), for the ski rental of its package (`NanoGPT.fit` adds it on PyTorch).
+
+    Example:
+        >>> model.fit(dataset, epochs=2, callbacks=[PlannedSteps()])  # doctest: +SKIP
+    """
+
+    def on_train_begin(self, logs=None):
+        step = self.model.train_function
+        if isinstance(step, TracedStep):
+            epochs, steps = self.params.get("epochs"), self.params.get("steps")
+            step.remaining = epochs * steps if epochs and steps else None
 
 
 def _cond_of_both_branches(pred, true_fn, false_fn):

@@ -203,6 +203,22 @@ def after_compile(model, jit_compile):
         _torch_training.install_traced_steps(model, jit_compile)
 
 
+def fit_callbacks(model, callbacks):
+    """`callbacks` for `NanoGPT.fit`, with what the backend's train step needs to know of the run: on
+    PyTorch, how many steps `fit` will run (`_torch_training.PlannedSteps`, for when to compile).
+
+    Example:
+        >>> callbacks = fit_callbacks(model, [])  # doctest: +SKIP
+    """
+    callbacks = list(callbacks or [])
+    if name() == "torch":
+        from keras_nanogpt import _torch_training
+
+        if isinstance(model.train_function, _torch_training.TracedStep):
+            callbacks.append(_torch_training.PlannedSteps())
+    return callbacks
+
+
 def keep_heap_padding():
     """JAX under glibc: let malloc keep 64 MB at the top of each heap it grows or trims
     (`mallopt(M_TOP_PAD)`). `import keras_nanogpt` calls it, since it only holds for the heaps made after

@@ -202,7 +202,7 @@ class NanoGPT(keras.Model):
                 _validation.check_ids(name, ids, self.vocabulary_size)
         if hasattr(x, "element_spec"):  # a tf.data.Dataset shuffles itself; Keras warns on shuffle=True
             kwargs.setdefault("shuffle", False)
-        return super().fit(*args, callbacks=with_loss_guard(callbacks), **kwargs)
+        return super().fit(*args, callbacks=backends.fit_callbacks(self, with_loss_guard(callbacks)), **kwargs)
 
     def compile_from_config(self, config):
         """Recompile a loaded model from its saved compile config (optimizer state then loads too)."""
