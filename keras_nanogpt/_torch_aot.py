@@ -25,8 +25,11 @@ graph's ~200 operator dispatches.
 - Opt-out: `KERAS_NANOGPT_AOT=0`. Without a C++ compiler packages are not built (one warning).
 - Builders: `spawn` starts `python -m keras_nanogpt._torch_aot_build` at the lowest priority
   (SCHED_IDLE and nice 19, one thread: at nice 19 alone the traced path's calls took 1.7-2.5x as long
-  while it built on 2 cores, RESULTS.md) in a session of its own, so it outlives a short script and the
-  next program finds the package; a lock file keeps processes from starting two for one key.
+  while it built on 2 cores, RESULTS.md) in a process group of its own (so Ctrl-C does not reach it),
+  within this session: it outlives a short script and the next program finds the package. Not in a new
+  session, since Linux's autogroups give each session an equal share of the CPU whatever its
+  priority (a builder in its own session slowed the traced path's calls 6-23x on 2 cores); a lock file
+  keeps processes from starting two for one key.
   `wait_for_builders` / `stop_builders` end this process's ones (tests do).
 
 Example:
@@ -341,7 +344,7 @@ def spawn(key, write_spec):
                    PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         with open(os.path.join(directory(), f"{key}.log"), "w") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, start_new_session=True)
+                                       env=env, process_group=0)  # not a new session: see the module docstring
         with open(lock, "w") as f:
             f.write(str(process.pid))
     except Exception:

@@ -16,6 +16,7 @@ Example:
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 
@@ -52,7 +53,9 @@ def build_from_spec(spec_path):
 
 
 def main(argv):
-    """Run the builder for the spec file `argv[0]`; returns the exit status."""
+    """Run the builder for the spec file `argv[0]`; returns the exit status. A hang-up (its terminal
+    closed) does not end it: it runs on for the next program."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     spec_path = argv[0]
     key = os.path.basename(spec_path)[:-len(".spec")]
     _, _, lock, failure = _torch_aot.paths(key)

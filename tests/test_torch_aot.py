@@ -112,11 +112,14 @@ def builder_env():
 
 
 def builder_policy(pid, seconds=10):
-    """The builder's scheduling policy once `chrt` has set it (its pid stays through `chrt` and `nice`)."""
+    """The builder's scheduling policy once `chrt` has set it (its pid stays through `chrt` and `nice`), and
+    whether it runs in this session (Linux's autogroups: another session's share of the CPU ignores its
+    priority) in a process group of its own (Ctrl-C at a terminal does not reach it)."""
     deadline = time.monotonic() + seconds
     while os.sched_getscheduler(pid) != os.SCHED_IDLE and time.monotonic() < deadline:
         time.sleep(0.05)
-    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+    placed = os.getsid(pid) == os.getsid(0) and os.getpgid(pid) == pid != os.getpgid(0)
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid), placed
 
 
 def test_first_call_traces_and_builds_the_package_in_the_background(built, aot):
@@ -125,7 +128,8 @@ def test_first_call_traces_and_builds_the_package_in_the_background(built, aot):
     assert built["first"] == built["eager"]  # served by the traced graph, not waiting for the build
     assert built["spawned"] == 2  # the decode step's builder and the prefill's
     if _torch_aot._idle_allowed() and shutil.which("nice"):
-        assert built["policy"] == (os.SCHED_IDLE, 19)  # the lowest priority there is
+        assert built["policy"][:2] == (os.SCHED_IDLE, 19)  # the lowest priority there is
+    assert built["policy"][2]  # in this session, in a process group of its own
     assert built["codes"] == [0, 0], built["logs"]
     assert sorted(p.stem for p in built["packages"]) == sorted([built["step_key"], built["prefill_key"]])
     for package in built["packages"]:
