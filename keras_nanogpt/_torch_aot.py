@@ -24,11 +24,12 @@ graph's ~200 operator dispatches.
 - Size: `KERAS_NANOGPT_AOT_CACHE_MB` (default 1024) caps the folder; the packages used longest ago go first.
 - Opt-out: `KERAS_NANOGPT_AOT=0`. Without a C++ compiler packages are not built (one warning).
 - Builders: `spawn` starts `python -m keras_nanogpt._torch_aot_build` at the lowest priority
-  (SCHED_IDLE and nice 19, one thread: at nice 19 alone the traced path's calls took 1.7-2.5x as long
-  while it built on 2 cores, RESULTS.md) in a process group of its own (so Ctrl-C does not reach it),
-  within this session: it outlives a short script and the next program finds the package. Not in a new
-  session, since Linux's autogroups give each session an equal share of the CPU whatever its
-  priority (a builder in its own session slowed the traced path's calls 6-23x on 2 cores); a lock file
+  (SCHED_IDLE and nice 19, one compiler job at a time: at nice 19 alone the traced path's calls took
+  1.7-2.5x as long while it built on 2 cores, RESULTS.md), with this process's thread count (TorchInductor
+  writes it into a CPU package's parallel loops, so it is in the key too), in a process group of its own
+  (so Ctrl-C does not reach it) within this session: it outlives a short script and the next program
+  finds the package. Not in a new session, since Linux's autogroups give each session an equal share of
+  the CPU whatever its priority (a builder in its own session slowed the traced path's calls 6-23x on 2 cores); a lock file
   keeps processes from starting two for one key.
   `wait_for_builders` / `stop_builders` end this process's ones (tests do).
 
@@ -96,12 +97,13 @@ def cap_bytes():
 
 def device_tag(device):
     """What a package compiled for the torch device `device` depends on beyond the step: the CPU's
-    instruction set, or the GPU's name and compute capability and the CUDA version (AOTInductor compiles
-    for the device of the step's tensors)."""
+    instruction set and torch's thread count, or the GPU's name and compute capability and the CUDA
+    version (AOTInductor compiles for the device of the step's tensors)."""
     if device.type == "cuda":
         return (f"cuda|{torch.cuda.get_device_name(device)}|{torch.cuda.get_device_capability(device)}|"
                 f"{torch.version.cuda}")
-    return f"cpu|{torch.backends.cpu.get_cpu_capability()}"
+    # TorchInductor writes the thread count into a CPU package's parallel loops (`num_threads(N)`).
+    return f"cpu|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()} threads"
 
 
 def package_key(step_key, device):
@@ -340,7 +342,8 @@ def spawn(key, write_spec):
         write_spec(spec)
         command = _lowest_priority([sys.executable, "-m", "keras_nanogpt._torch_aot_build", spec])
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1",
+        env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS=str(torch.get_num_threads()),
+                   TORCHINDUCTOR_COMPILE_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         with open(os.path.join(directory(), f"{key}.log"), "w") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

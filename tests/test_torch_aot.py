@@ -294,6 +294,22 @@ def test_another_torch_version_has_a_package_of_its_own(built, aot, monkeypatch)
         _torch_aot.stop_builders()
 
 
+def test_another_thread_count_has_a_package_of_its_own():
+    import torch
+
+    from keras_nanogpt import _torch_aot
+
+    threads = torch.get_num_threads()
+    try:
+        keys = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            keys.add(_torch_aot.package_key("step", torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(keys) == 2  # TorchInductor writes the thread count into a CPU package's loops
+
+
 def test_the_opt_out_neither_loads_nor_builds(built, monkeypatch):
     from keras_nanogpt import _torch_aot
 
