@@ -29,8 +29,8 @@ graph's ~200 operator dispatches.
   writes it into a CPU package's parallel loops, so it is in the key too), in a process group of its own
   (so Ctrl-C does not reach it) within this session: it outlives a short script and the next program
   finds the package. Not in a new session, since Linux's autogroups give each session an equal share of
-  the CPU whatever its priority (a builder in its own session slowed the traced path's calls 6-23x on 2 cores); a lock file
-  keeps processes from starting two for one key.
+  the CPU whatever its priority (a builder in its own session slowed the traced path's calls 6-23x on 2
+  cores); a lock file keeps processes from starting two for one key.
   `wait_for_builders` / `stop_builders` end this process's ones (tests do).
 
 Example:
