@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -245,6 +246,10 @@ _WORKER = {}
 
 
 def _start_worker(config, text_field, dtype):
+    # A forked worker inherits the caller's signal handlers (a server's, `PreemptibleBackup`'s): with a Python
+    # SIGTERM handler, `Pool.terminate` could not end a worker waiting for a task, and `prepare` hung.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it ends the pool
     _WORKER.update(tokenizer=tokenizers.Tokenizer.from_config(config), text_field=text_field, dtype=dtype)
 
 

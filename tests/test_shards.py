@@ -125,6 +125,27 @@ def test_a_char_vocabulary_is_learned_from_the_whole_corpus(tmp_path):
     assert tokenizer.decode(tokens) == "abc\n" * 10 + "<|endoftext|>xyz é<|endoftext|>"
 
 
+WITH_A_SIGTERM_HANDLER = textwrap.dedent("""
+    import signal, sys
+    import keras_nanogpt as kn
+    signal.signal(signal.SIGTERM, lambda *args: None)  # a program's own handler (a server, a training script)
+    for i in range(3):
+        kn.data.prepare(sys.argv[1], f"{sys.argv[2]}/out{i}", "char", val_fraction=0, workers=2, progress=False)
+    print("prepared 3")
+""")
+
+
+def test_prepare_ends_its_forked_workers_under_a_programs_own_sigterm_handler(tmp_path):
+    # Forked workers inherited the handler, so `Pool.terminate`'s SIGTERM left one waiting for a task: the
+    # second `prepare` hung (reproduced before the fix in `corpus._start_worker`).
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"a{i}.txt").write_text("abc def\n" * 50)
+    done = subprocess.run([sys.executable, "-c", WITH_A_SIGTERM_HANDLER, str(tmp_path / "src"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "prepared 3" in done.stdout, done.stderr[-3000:]
+
+
 def test_a_large_vocabulary_gets_llmc_uint32_shards(tmp_path):
     characters = [chr(0x10000 + i) for i in range(66_000)]  # 66,003 ids with padding, unknown, end of text
     (tmp_path / "a.txt").write_text(characters[-1] * 7 + "\n", encoding="utf-8")
