@@ -46,7 +46,8 @@ import warnings
 import keras
 import torch
 
-from keras_nanogpt import _files, _keras_internals, _torch_aot, _torch_keras_internals, _torch_tracing, _version
+from keras_nanogpt import (_files, _keras_internals, _torch_aot, _torch_compile, _torch_keras_internals, _torch_tracing,
+                           _version)
 
 PACKAGE_SAVING = 0.15  # the share of the traced graph's step time a package saves (nano recipe, RESULTS.md)
 BUILD_SECONDS = 45.0  # a cold AOTInductor build of the nano recipe's train step on a 2-core CPU (RESULTS.md)
@@ -189,7 +190,7 @@ class TracedStep:
         package = self.packages.get(signature)
         if package is None:
             usable = (self.training and tensors[0].device.type == "cpu" and _torch_aot.enabled()
-                      and _compile_mode() in ("auto", "always"))
+                      and _torch_compile.compile_mode() in ("auto", "always"))
             package = self.packages[signature] = _Package(_package_key(graph, tensors) if usable else None)
         if package.key is None or package.run:
             return package
@@ -199,7 +200,8 @@ class TracedStep:
                 _at_exit.pop(package.key, None)
                 return package
         saving = package.saving(self.remaining)
-        build_now = _compile_mode() == "always" or (saving is not None and saving >= expected_build_seconds())
+        repaid = saving is not None and saving >= expected_build_seconds()
+        build_now = repaid or _torch_compile.compile_mode() == "always"
         if (build_now or not package.requested) and not _torch_aot.can_build(package.key):
             package.key = None  # no compiler, or an earlier build failed (one warning says which)
             return package
@@ -295,12 +297,6 @@ class _Package:
             return None
         rate = self.seconds / (self.steps - 1)
         return PACKAGE_SAVING * rate * (remaining if remaining is not None else self.steps)
-
-
-def _compile_mode():
-    from keras_nanogpt import _torch_compile
-
-    return _torch_compile.compile_mode()
 
 
 def _package_key(graph, tensors):
